@@ -1,0 +1,453 @@
+"""The Net: builds a layer graph from a NetParameter and runs it (Caffe's net.cpp, pycaffe's API).
+
+Building is a chain of passes: read + upgrade -> ``filter_net`` (NetState) ->
+``insert_splits`` -> create and wire layers -> set them up -> work out which
+layers and blobs need backward -> collect (and share) parameters.
+"""
+import logging
+import os
+from collections import OrderedDict
+
+import numpy as np
+
+from proto import caffe_pb2
+
+from . import io as caffe_io
+from .blob import Blob
+from .errors import CaffeError, NetError, WeightsError
+from .layer import create_layer
+from .net_passes import filter_net, insert_splits
+
+log = logging.getLogger("framework.net")
+
+TRAIN = caffe_pb2.TRAIN
+TEST = caffe_pb2.TEST
+
+
+def read_net_param(path):
+    """Read a text prototxt into a NetParameter, upgrading legacy formats as Caffe does."""
+    from .upgrade import net_needs_upgrade, upgrade_net
+
+    param = caffe_io.read_prototxt(path, caffe_pb2.NetParameter)
+    if net_needs_upgrade(param):
+        upgrade_net(param, source=path)
+    return param
+
+
+def read_weights_param(path):
+    """Read a binary .caffemodel (any Caffe version) into an upgraded NetParameter."""
+    from .upgrade import net_needs_upgrade, upgrade_net
+
+    if not os.path.isfile(path):
+        raise WeightsError(f"weights file not found: {path}")
+    param = caffe_io.read_binary_proto(path, caffe_pb2.NetParameter)
+    if not param.layer and not param.layers:
+        raise WeightsError(f"{path} holds no layers: it is not a .caffemodel weights file")
+    if net_needs_upgrade(param):
+        upgrade_net(param, source=path)
+    return param
+
+
+class Net:
+    """A Caffe network, built from a prototxt path or a NetParameter.
+
+    pycaffe-compatible construction::
+
+        Net("deploy.prototxt", framework.TEST)
+        Net("deploy.prototxt", "weights.caffemodel", framework.TEST)
+        Net("deploy.prototxt", framework.TEST, weights="weights.caffemodel")
+        Net(net_param)                      # phase, level, stages from net_param.state
+
+    ``level`` and ``stages`` select layers by their NetStateRules as in Caffe.
+    """
+
+    def __init__(self, source, *args, weights=None, phase=None, level=None, stages=None):
+        args = list(args)
+        if args and isinstance(args[0], str):
+            weights = args.pop(0)
+        if args:
+            phase = args.pop(0)
+        if args:
+            raise TypeError("Net(prototxt, [weights,] phase, weights=None, level=None, stages=None)")
+        if isinstance(source, caffe_pb2.NetParameter):
+            param = caffe_pb2.NetParameter()
+            param.CopyFrom(source)
+            from .upgrade import net_needs_upgrade, upgrade_net
+            if net_needs_upgrade(param):
+                upgrade_net(param, source=param.name or "<NetParameter>")
+            self.source = param.name or "<NetParameter>"
+        else:
+            param = read_net_param(os.fspath(source))
+            self.source = os.fspath(source)
+            # pycaffe users keep Python layer modules beside their prototxt
+            from layers.python_layer import add_module_search_path
+            add_module_search_path(os.path.dirname(os.path.abspath(self.source)))
+            if phase is None:
+                raise TypeError("Net(prototxt, phase): the phase (framework.TRAIN or framework.TEST) is required")
+        if phase is not None:
+            param.state.phase = phase
+        if level is not None:
+            param.state.level = level
+        if stages:
+            param.state.stage.extend(stages)
+        self._init(param)
+        if weights:
+            self.copy_from(weights)
+
+    # -- construction ------------------------------------------------------------
+    def _init(self, in_param):
+        self.name = in_param.name
+        self.phase = in_param.state.phase
+        param = insert_splits(filter_net(in_param))
+        self.param = param
+        self.layers = []
+        self.layer_names = []
+        self.blobs = OrderedDict()
+        self.bottom_names = OrderedDict()
+        self.top_names = OrderedDict()
+        self._bottoms = []
+        self._tops = []
+        self.inputs = []
+        available = OrderedDict()   # blob name -> producing layer, not yet consumed
+        blob_needs_backward = {}
+
+        self._layer_need_backward = []
+        self._bottom_need_backward = []
+        for layer_param in param.layer:
+            if layer_param.name in self.top_names:
+                raise NetError(f"layer name '{layer_param.name}' is used twice")
+            if not layer_param.HasField("phase"):
+                layer_param.phase = self.phase
+            layer = create_layer(layer_param, self.phase)
+            bottoms, tops = [], []
+            need_backward = False
+            bottom_need = []
+            if layer_param.propagate_down and len(layer_param.propagate_down) != len(layer_param.bottom):
+                raise NetError(f"layer '{layer_param.name}': propagate_down must be specified either 0 or "
+                               f"bottom_size ({len(layer_param.bottom)}) times")
+            for j, name in enumerate(layer_param.bottom):
+                if name not in self.blobs:
+                    raise NetError(f"Unknown bottom blob '{name}' (layer '{layer_param.name}', bottom index {j})")
+                bottoms.append(self.blobs[name])
+                available.pop(name, None)
+                needs = blob_needs_backward.get(name, False)
+                if layer_param.propagate_down:  # net.cpp AppendBottom: an explicit value wins
+                    needs = layer_param.propagate_down[j]
+                bottom_need.append(needs)
+                need_backward = need_backward or blob_needs_backward.get(name, False)
+            top_names = list(layer_param.top)
+            if layer.auto_top_blobs:
+                wanted = max(layer.exact_num_top_blobs, layer.min_top_blobs)
+                while len(top_names) < wanted:
+                    top_names.append(f"(automatic)_{layer_param.name}_{len(top_names)}")
+            for j, name in enumerate(top_names):
+                if j < len(layer_param.bottom) and layer_param.bottom[j] == name:
+                    tops.append(self.blobs[name])  # in-place computation
+                elif name in self.blobs:
+                    raise NetError(f"Top blob '{name}' produced by multiple sources "
+                                   f"(layer '{layer_param.name}', top index {j})")
+                else:
+                    blob = Blob()
+                    self.blobs[name] = blob
+                    tops.append(blob)
+                available[name] = layer_param.name
+            if layer_param.type == "Input":
+                self.inputs.extend(top_names)
+            log.info("Creating Layer %s", layer_param.name)
+            layer.setup_layer(bottoms, tops)
+            for name, blob in zip(top_names, tops):
+                log.info("Top shape: %s (%d)", " ".join(map(str, blob.shape)), blob.count)
+            # which params learn: lr_mult 0 freezes one (and may spare the layer's backward)
+            layer.param_propagate_down = [
+                (i >= len(layer.layer_param.param) or layer.layer_param.param[i].lr_mult != 0)
+                for i in range(len(layer.blobs))]
+            need_backward = need_backward or any(layer.param_propagate_down)
+            if not layer.has_backward:
+                need_backward = False
+                bottom_need = [False] * len(bottoms)
+            for name in top_names:
+                blob_needs_backward[name] = need_backward
+            self.layers.append(layer)
+            self.layer_names.append(layer_param.name)
+            self.bottom_names[layer_param.name] = list(layer_param.bottom)
+            self.top_names[layer_param.name] = top_names
+            self._bottoms.append(bottoms)
+            self._tops.append(tops)
+            self._layer_need_backward.append(need_backward)
+            self._bottom_need_backward.append(bottom_need)
+
+        self._prune_backward(in_param.force_backward)
+        # Caffe keeps the remaining blobs in a std::set: outputs come in name order.
+        self.outputs = sorted(available)
+        self.output_loss_weights = {}
+        for layer, tops, names in zip(self.layers, self._tops, self.top_names.values()):
+            for j, name in enumerate(names):
+                if layer.loss(j):
+                    self.output_loss_weights[name] = self.output_loss_weights.get(name, 0.0) + layer.loss(j)
+        self._collect_params()
+        self.params = OrderedDict((name, layer.blobs) for name, layer in zip(self.layer_names, self.layers)
+                                  if layer.blobs)
+        log.info("Network initialization done.")
+
+    def _prune_backward(self, force_backward):
+        """Drop backward where nothing below a loss needs it (net.cpp's second pass)."""
+        under_loss = set()
+        skip_propagate = set()
+        for i in reversed(range(len(self.layers))):
+            layer, names = self.layers[i], self.top_names[self.layer_names[i]]
+            contributes = any(layer.loss(j) or name in under_loss for j, name in enumerate(names))
+            skip = all(name in skip_propagate for name in names) if names else True
+            if self._layer_need_backward[i] and skip:
+                self._layer_need_backward[i] = False
+                self._bottom_need_backward[i] = [False] * len(self._bottoms[i])
+            if not contributes:
+                self._layer_need_backward[i] = False
+            for j, name in enumerate(self.bottom_names[self.layer_names[i]]):
+                if contributes:
+                    under_loss.add(name)
+                else:
+                    self._bottom_need_backward[i][j] = False
+                if not self._bottom_need_backward[i][j]:
+                    skip_propagate.add(name)
+        if force_backward:
+            for i, layer in enumerate(self.layers):
+                if not layer.has_backward:
+                    continue
+                self._layer_need_backward[i] = True
+                self._bottom_need_backward[i] = [
+                    need or layer.allow_force_backward(j) for j, need in enumerate(self._bottom_need_backward[i])]
+                layer.param_propagate_down = [True] * len(layer.blobs)
+
+    def _collect_params(self):
+        """Owners and sharers of parameters by ``param { name }`` (net.cpp AppendParam)."""
+        self.learnable_params = []
+        self.params_lr = []
+        self.params_weight_decay = []
+        self._param_owner = {}      # param name -> (learnable index, layer name, blob index)
+        for layer, name in zip(self.layers, self.layer_names):
+            specs = layer.layer_param.param
+            for i, blob in enumerate(layer.blobs):
+                spec = specs[i] if i < len(specs) else caffe_pb2.ParamSpec()
+                pname = spec.name
+                if not pname or pname not in self._param_owner:
+                    index = len(self.learnable_params)
+                    if pname:
+                        self._param_owner[pname] = (index, name, i)
+                    self.learnable_params.append(blob)
+                    self.params_lr.append(spec.lr_mult)
+                    self.params_weight_decay.append(spec.decay_mult)
+                    continue
+                index, owner_layer, owner_i = self._param_owner[pname]
+                owner = self.learnable_params[index]
+                permissive = spec.share_mode == caffe_pb2.ParamSpec.PERMISSIVE
+                if (owner.count != blob.count) if permissive else (owner.shape != blob.shape):
+                    raise NetError(
+                        f"Cannot share param '{pname}' owned by layer '{owner_layer}' with layer '{name}'; "
+                        f"shape mismatch. Owner layer param shape is {_shape_str(owner.shape)}; "
+                        f"sharing layer {'expects' if permissive else 'shape is'} {_shape_str(blob.shape)}")
+                owner_spec = self.layers[self.layer_names.index(owner_layer)].layer_param.param[owner_i]
+                for field, values in (("lr_mult", self.params_lr), ("decay_mult", self.params_weight_decay)):
+                    if spec.HasField(field):
+                        if owner_spec.HasField(field) and getattr(owner_spec, field) != getattr(spec, field):
+                            raise NetError(f"Shared param '{pname}' has mismatched {field} "
+                                           f"(layers '{owner_layer}' and '{name}')")
+                        values[index] = getattr(spec, field)
+                layer.blobs[i] = owner  # the sharer uses the owner's blob itself
+
+    # -- running -------------------------------------------------------------------
+    def _layer_index(self, name, default):
+        if name is None:
+            return default
+        try:
+            return self.layer_names.index(name)
+        except ValueError:
+            raise NetError(f"no layer named '{name}' in net '{self.name}'") from None
+
+    def forward_from_to(self, start, end):
+        """Run layers start..end inclusive; return the weighted loss of those layers."""
+        loss = 0.0
+        for i in range(start, end + 1):
+            layer, bottoms, tops = self.layers[i], self._bottoms[i], self._tops[i]
+            layer.reshape(bottoms, tops)
+            layer.forward(bottoms, tops)
+            for weight, top in zip(layer.loss_weights, tops):
+                if weight:
+                    loss += weight * float(np.sum(top.data, dtype=np.float64))
+                    top.diff[...] = weight
+        return loss
+
+    def backward_from_to(self, start, end):
+        """Run backward for layers start down to end inclusive, where needed."""
+        for i in range(start, end - 1, -1):
+            if self._layer_need_backward[i]:
+                self.layers[i].backward(self._tops[i], self._bottom_need_backward[i], self._bottoms[i])
+
+    def forward(self, blobs=None, start=None, end=None, **kwargs):
+        """pycaffe's forward: set inputs from keyword arrays, run, return {output: array}.
+
+        Inputs whose shape differs from the blob's are reshaped to fit.
+        ``start``/``end`` are layer names; with ``end`` the outputs are that
+        layer's tops (plus ``blobs``).
+        """
+        for name, array in kwargs.items():
+            if name not in self.blobs:
+                raise NetError(f"forward() got '{name}', which is not a blob of net '{self.name}' "
+                               f"(inputs: {', '.join(self.inputs)})")
+            if name not in self.inputs:
+                raise NetError(f"forward() got '{name}', which is not an input of net '{self.name}' "
+                               f"(inputs: {', '.join(self.inputs)})")
+            array = np.asarray(array)
+            blob = self.blobs[name]
+            if array.shape != blob.shape:
+                blob.reshape(array.shape)
+            blob.data[...] = array
+        start_index = self._layer_index(start, 0)
+        end_index = self._layer_index(end, len(self.layers) - 1)
+        self.forward_from_to(start_index, end_index)
+        names = list(self.top_names[self.layer_names[end_index]]) if end is not None else list(self.outputs)
+        names += [b for b in (blobs or []) if b not in names]
+        return {name: self.blobs[name].data for name in names}
+
+    def forward_loss(self):
+        """Run the whole net; return the total weighted loss (Caffe's Net::Forward(&loss))."""
+        return self.forward_from_to(0, len(self.layers) - 1)
+
+    def backward(self, diffs=None, start=None, end=None, **kwargs):
+        """pycaffe's backward: set output diffs from keyword arrays, run, return {input: diff}."""
+        for name, array in kwargs.items():
+            if name not in self.outputs:
+                raise NetError(f"backward() got '{name}', which is not an output of net '{self.name}' "
+                               f"(outputs: {', '.join(self.outputs)})")
+            self.blobs[name].diff[...] = array
+        start_index = self._layer_index(start, len(self.layers) - 1)
+        end_index = self._layer_index(end, 0)
+        self.backward_from_to(start_index, end_index)
+        names = list(self.bottom_names[self.layer_names[end_index]]) if end is not None else list(self.inputs)
+        names += [b for b in (diffs or []) if b not in names]
+        return {name: self.blobs[name].diff for name in names}
+
+    def forward_backward(self):
+        """Forward then backward over the whole net; return the loss (Caffe's ForwardBackward)."""
+        loss = self.forward_loss()
+        self.backward_from_to(len(self.layers) - 1, 0)
+        return loss
+
+    def reshape(self):
+        """Propagate input shape changes through every layer."""
+        for layer, bottoms, tops in zip(self.layers, self._bottoms, self._tops):
+            layer.reshape(bottoms, tops)
+
+    def clear_param_diffs(self):
+        for blob in self.learnable_params:
+            blob.diff[...] = 0
+
+    def update(self):
+        """data -= diff for every learnable parameter (Caffe's Net::Update)."""
+        for blob in self.learnable_params:
+            np.subtract(blob.data, blob.diff, out=blob.data)
+
+    @property
+    def layer_need_backward(self):
+        return list(self._layer_need_backward)
+
+    @property
+    def bottom_need_backward(self):
+        return [list(b) for b in self._bottom_need_backward]
+
+    def layer_by_name(self, name):
+        return self.layers[self._layer_index(name, None)]
+
+    # -- weights -------------------------------------------------------------------
+    def share_trained_layers_with(self, other):
+        """Use ``other``'s parameter blobs for same-named layers (test nets share the train net's)."""
+        other_layers = dict(zip(other.layer_names, other.layers))
+        for name, layer in zip(self.layer_names, self.layers):
+            source = other_layers.get(name)
+            if source is None or not source.blobs:
+                continue
+            if len(source.blobs) != len(layer.blobs):
+                raise NetError(f"Incompatible number of blobs for layer '{name}'")
+            for j, (mine, theirs) in enumerate(zip(layer.blobs, source.blobs)):
+                if mine.shape != theirs.shape:
+                    raise NetError(f"Cannot share param {j} weights from layer '{name}'; shape mismatch. "
+                                   f"Source param shape is {_shape_str(theirs.shape)}; "
+                                   f"target param shape is {_shape_str(mine.shape)}")
+                layer.blobs[j] = theirs
+        self.params = OrderedDict((n, l.blobs) for n, l in zip(self.layer_names, self.layers) if l.blobs)
+        self._collect_params()
+
+    def copy_from(self, path):
+        """Load weights from a .caffemodel (binary, any Caffe version) or .caffemodel.h5 file."""
+        path = os.fspath(path)
+        if path.endswith(".h5"):
+            from .hdf5_weights import copy_from_hdf5
+            copy_from_hdf5(self, path)
+            return
+        self.copy_trained_layers_from(read_weights_param(path), source=path)
+
+    def copy_trained_layers_from(self, net_param, source="<NetParameter>"):
+        """Copy blobs of same-named layers, shape-checked (Caffe's CopyTrainedLayersFrom)."""
+        layers = dict(zip(self.layer_names, self.layers))
+        for layer_param in net_param.layer:
+            target = layers.get(layer_param.name)
+            if target is None:
+                log.info("Ignoring source layer %s", layer_param.name)
+                continue
+            if not layer_param.blobs:
+                continue
+            if len(layer_param.blobs) != len(target.blobs):
+                raise WeightsError(
+                    f"{source}: incompatible number of blobs for layer '{layer_param.name}': "
+                    f"the file has {len(layer_param.blobs)}, the net expects {len(target.blobs)}")
+            for j, (proto, blob) in enumerate(zip(layer_param.blobs, target.blobs)):
+                if not _proto_shape_matches(proto, blob.shape):
+                    raise WeightsError(
+                        f"{source}: cannot copy param {j} weights from layer '{layer_param.name}'; "
+                        f"shape mismatch. Source param shape is {_shape_str(_proto_shape(proto))}; "
+                        f"target param shape is {_shape_str(blob.shape)}. To learn this layer's "
+                        f"parameters from scratch rather than copying from a saved net, rename the layer.")
+                blob.data[...] = caffe_io.blob_to_array(proto).reshape(blob.shape)
+
+    def to_proto(self, write_diff=False):
+        """A NetParameter holding every layer's parameters and blobs (Caffe's Net::ToProto)."""
+        param = caffe_pb2.NetParameter()
+        param.name = self.name
+        for layer in self.layers:
+            layer_param = param.layer.add()
+            layer_param.CopyFrom(layer.layer_param)
+            del layer_param.blobs[:]
+            for blob in layer.blobs:
+                caffe_io.array_to_blob_proto(blob.data, blob.diff if write_diff else None,
+                                             out=layer_param.blobs.add())
+        return param
+
+    def save(self, path, write_diff=False):
+        """Write the weights as a binary .caffemodel (atomically), readable by Caffe."""
+        caffe_io.write_binary_proto(os.fspath(path), self.to_proto(write_diff))
+
+    def __repr__(self):
+        return f"<Net '{self.name}' ({len(self.layers)} layers, phase {caffe_pb2.Phase.Name(self.phase)})>"
+
+
+def _shape_str(shape):
+    count = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    return f"{' '.join(map(str, shape))} ({count})"
+
+
+def _proto_shape(proto):
+    if proto.HasField("shape"):
+        return tuple(proto.shape.dim)
+    return (proto.num, proto.channels, proto.height, proto.width)
+
+
+def _proto_shape_matches(proto, shape):
+    """Blob::ShapeEquals: legacy 4-D protos match blobs of <= 4 axes padded with 1s in front."""
+    if proto.HasField("shape"):
+        return tuple(proto.shape.dim) == tuple(shape)
+    if len(shape) > 4:
+        return False
+    legacy = (1,) * (4 - len(shape)) + tuple(shape)
+    return legacy == (proto.num, proto.channels, proto.height, proto.width)
+
+
+__all__ = ["Net", "TRAIN", "TEST", "read_net_param", "CaffeError"]
