@@ -119,6 +119,31 @@ class Layer:
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"{type(self).__name__}.backward")
 
+    def init_param_blobs(self, specs):
+        """Create ``self.blobs`` from ``(shape, filler_param, what)`` specs, in Caffe's order.
+
+        When blobs were preloaded (from the LayerParameter), check them instead:
+        the count must match, and each shape must equal the spec's, allowing the
+        legacy 4-D form of old .caffemodel files ((1, 1, N, K) weights, (1, 1, 1, N)
+        biases), which Caffe's ShapeEquals accepts and which is reshaped here.
+        """
+        from .fillers import fill
+
+        if not self.blobs:
+            self.blobs = [fill(Blob(shape), filler) for shape, filler, _ in specs]
+            return
+        if len(self.blobs) != len(specs):
+            raise self.error(f"expected {len(specs)} parameter blob(s), got {len(self.blobs)}")
+        for blob, (shape, _, what) in zip(self.blobs, specs):
+            shape = tuple(shape)
+            if blob.shape == shape:
+                continue
+            padded = (1,) * (blob.num_axes - len(shape)) + shape
+            if blob.num_axes <= 4 and blob.shape == padded:
+                blob.reshape(shape)
+                continue
+            raise self.error(f"{what} blob has shape {blob.shape}, expected {shape}")
+
     def allow_force_backward(self, bottom_index):
         """Whether ``force_backward`` may ask for bottom ``bottom_index``'s gradient."""
         return True

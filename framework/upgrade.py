@@ -563,3 +563,34 @@ def upgrade_net_file(src, dst, binary=False):
     else:
         caffe_io.write_prototxt(dst, net_param)
     return needed
+
+
+def upgrade_tool_main(argv, binary):
+    """The body of tools/upgrade_net_proto_{text,binary}.py; returns the exit status.
+
+    0 on success, 1 if the upgrade failed, 2 if the input could not be read or
+    parsed or the output could not be written.
+    """
+    import argparse
+
+    from .errors import CaffeError
+    from .logging_util import init_logging
+
+    kind = "binary (.caffemodel)" if binary else "text (.prototxt)"
+    parser = argparse.ArgumentParser(
+        description=f"Upgrade a {kind} NetParameter to the current Caffe format, as Caffe's "
+                    f"upgrade_net_proto_{'binary' if binary else 'text'} does.")
+    parser.add_argument("input", help=f"{kind} net to upgrade")
+    parser.add_argument("output", help=f"where to write the upgraded {kind} net")
+    args = parser.parse_args(argv)
+    init_logging()
+    try:
+        upgrade_net_file(args.input, args.output, binary=binary)
+    except NetError as e:
+        log.error("%s", e)
+        return 1
+    except (CaffeError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    log.info("Wrote upgraded NetParameter %s proto to %s", "binary" if binary else "text", args.output)
+    return 0

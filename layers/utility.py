@@ -11,9 +11,8 @@ Caffe's ``ShareData`` does, so they cost no copy in forward.
 """
 import numpy as np
 
-from framework.blob import Blob
-from framework.fillers import fill
 from framework.layer import Layer, register_layer
+from proto import caffe_pb2
 
 # --------------------------------------------------------------------------
 # helpers
@@ -51,23 +50,6 @@ def _legacy_axis(layer, param, bottom, legacy_field, field="axis"):
                               f"bottom of shape {bottom.shape}")
         return axis
     return _canonical_axis(layer, bottom, getattr(param, field), field)
-
-
-def _adopt_blob(layer, index, shape, what):
-    """Check a preloaded parameter blob against ``shape``.
-
-    Old .caffemodel files store 2-D weights as 4-D (1, 1, N, K) and biases as
-    (1, 1, 1, N); Caffe's ShapeEquals accepts these, so they are reshaped here.
-    """
-    blob = layer.blobs[index]
-    shape = tuple(shape)
-    if blob.shape == shape:
-        return
-    padded = (1,) * (blob.num_axes - len(shape)) + shape
-    if blob.num_axes <= 4 and blob.shape == padded:
-        blob.reshape(shape)
-        return
-    raise layer.error(f"{what} blob has shape {blob.shape}, expected {shape}")
 
 
 def _as_indices(layer, values, limit, what):
@@ -132,17 +114,10 @@ class InnerProductLayer(Layer):
         self.axis = _canonical_axis(self, bottom[0], p.axis, "inner_product_param.axis")
         self.K = bottom[0].count_range(self.axis)
         w_shape = (self.K, self.num_output) if self.transpose else (self.num_output, self.K)
-        if self.blobs:
-            expected = 2 if self.bias_term else 1
-            if len(self.blobs) != expected:
-                raise self.error(f"expected {expected} parameter blob(s), got {len(self.blobs)}")
-            _adopt_blob(self, 0, w_shape, "weight")
-            if self.bias_term:
-                _adopt_blob(self, 1, (self.num_output,), "bias")
-        else:
-            self.blobs.append(fill(Blob(w_shape), p.weight_filler))
-            if self.bias_term:
-                self.blobs.append(fill(Blob((self.num_output,)), p.bias_filler))
+        specs = [(w_shape, p.weight_filler, "weight")]
+        if self.bias_term:
+            specs.append(((self.num_output,), p.bias_filler, "bias"))
+        self.init_param_blobs(specs)
 
     def reshape(self, bottom, top):
         axis = _canonical_axis(self, bottom[0], self.layer_param.inner_product_param.axis,
@@ -213,17 +188,10 @@ class EmbedLayer(Layer):
         self.bias_term = p.bias_term
         # embed_layer.cpp: W is (K, N), transposed from InnerProduct
         w_shape = (self.input_dim, self.num_output)
-        if self.blobs:
-            expected = 2 if self.bias_term else 1
-            if len(self.blobs) != expected:
-                raise self.error(f"expected {expected} parameter blob(s), got {len(self.blobs)}")
-            _adopt_blob(self, 0, w_shape, "weight")
-            if self.bias_term:
-                _adopt_blob(self, 1, (self.num_output,), "bias")
-        else:
-            self.blobs.append(fill(Blob(w_shape), p.weight_filler))
-            if self.bias_term:
-                self.blobs.append(fill(Blob((self.num_output,)), p.bias_filler))
+        specs = [(w_shape, p.weight_filler, "weight")]
+        if self.bias_term:
+            specs.append(((self.num_output,), p.bias_filler, "bias"))
+        self.init_param_blobs(specs)
 
     def allow_force_backward(self, bottom_index):
         return False
@@ -946,12 +914,8 @@ class ParameterLayer(Layer):
         shape = tuple(self.layer_param.parameter_param.shape.dim)
         if any(d < 0 for d in shape):
             raise self.error(f"parameter_param.shape has a negative dim: {shape}")
-        if self.blobs:
-            if len(self.blobs) != 1:
-                raise self.error(f"expected 1 parameter blob, got {len(self.blobs)}")
-            _adopt_blob(self, 0, shape, "parameter")
-        else:
-            self.blobs.append(Blob(shape))
+        # Caffe creates the blob zero-filled: the default FillerParameter is constant 0
+        self.init_param_blobs([(shape, caffe_pb2.FillerParameter(), "parameter")])
 
     def reshape(self, bottom, top):
         blob = self.blobs[0]
