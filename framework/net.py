@@ -59,9 +59,12 @@ class Net:
         Net(net_param)                      # phase, level, stages from net_param.state
 
     ``level`` and ``stages`` select layers by their NetStateRules as in Caffe.
+    ``fuse_batchnorm=True`` (needs ``weights``) folds each inference BatchNorm
+    (+ Scale) into the Convolution before it and drops them (framework/fuse.py).
     """
 
-    def __init__(self, source, *args, weights=None, phase=None, level=None, stages=None):
+    def __init__(self, source, *args, weights=None, phase=None, level=None, stages=None,
+                 fuse_batchnorm=False):
         args = list(args)
         if args and isinstance(args[0], str):
             weights = args.pop(0)
@@ -90,6 +93,12 @@ class Net:
             param.state.level = level
         if stages:
             param.state.stage.extend(stages)
+        if fuse_batchnorm:  # fold BatchNorm/Scale into convolutions first (framework/fuse.py)
+            from .fuse import fuse_batchnorm as fold
+            fused = fold(param, weights)
+            self._init(fused.param)
+            fused.load_into(self)
+            return
         self._init(param)
         if weights:
             self.copy_from(weights)
@@ -353,6 +362,12 @@ class Net:
     @property
     def bottom_need_backward(self):
         return [list(b) for b in self._bottom_need_backward]
+
+    def set_input_arrays(self, data, labels):
+        """pycaffe's Net.set_input_arrays: feed arrays to the net's first layer, a MemoryData layer."""
+        if not self.layers or self.layers[0].type != "MemoryData":
+            raise NetError(f"set_input_arrays needs a MemoryData layer first in net '{self.name}'")
+        self.layers[0].set_input_arrays(data, labels)
 
     def layer_by_name(self, name):
         return self.layers[self._layer_index(name, None)]

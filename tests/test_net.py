@@ -390,3 +390,20 @@ def test_net_from_prototxt_path_and_weights_positional(tmp_path):
     np.testing.assert_array_equal(again.params["ip2"][0].data, net.params["ip2"][0].data)
     kw = framework.Net(str(proto_path), framework.TEST, weights=str(weights))
     np.testing.assert_array_equal(kw.params["ip2"][0].data, net.params["ip2"][0].data)
+
+
+def test_set_input_arrays_feeds_the_memory_data_layer():
+    net = build("""
+    layer { name: "mem" type: "MemoryData" top: "data" top: "label"
+            memory_data_param { batch_size: 2 channels: 1 height: 1 width: 3 } }
+    layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: 1 } }
+    layer { name: "silence" type: "Silence" bottom: "label" }
+    """)
+    data = np.arange(12, dtype=np.float32).reshape(4, 1, 1, 3)
+    net.set_input_arrays(data, np.arange(4, dtype=np.float32))
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, data[:2])
+    net.forward()
+    np.testing.assert_array_equal(net.blobs["data"].data, data[2:])
+    with pytest.raises(NetError, match="MemoryData"):
+        build(MLP).set_input_arrays(data, np.zeros(4, np.float32))
