@@ -84,6 +84,8 @@ class Layer:
         # Caffe's Layer constructor takes blobs stored in the LayerParameter.
         self.blobs = [blob_from_proto(b) for b in layer_param.blobs]
         self.loss_weights = []
+        # Set by the net: False for parameters with lr_mult 0 (Caffe's param_propagate_down_).
+        self.param_propagate_down = None
 
     # -- identity --------------------------------------------------------------
     @property
@@ -143,6 +145,11 @@ class Layer:
                 blob.reshape(shape)
                 continue
             raise self.error(f"{what} blob has shape {blob.shape}, expected {shape}")
+
+    def param_needs_gradient(self, index):
+        """Whether backward should compute parameter ``index``'s gradient (False when frozen)."""
+        flags = self.param_propagate_down
+        return flags is None or index >= len(flags) or bool(flags[index])
 
     def allow_force_backward(self, bottom_index):
         """Whether ``force_backward`` may ask for bottom ``bottom_index``'s gradient."""

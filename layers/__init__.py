@@ -2,5 +2,5 @@
 
 Importing this package registers every layer type with ``framework.layer``.
 """
-from . import (data, inputs, loss, neuron, normalization, python_layer,  # noqa: F401
+from . import (data, inputs, loss, neuron, normalization, python_layer, softmax,  # noqa: F401
                utility, vision)

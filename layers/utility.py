@@ -66,13 +66,6 @@ def _as_indices(layer, values, limit, what):
     return index
 
 
-def _param_needed(layer, index):
-    """Whether parameter ``index`` wants a gradient (the net sets ``param_propagate_down``;
-    lr_mult 0 freezes a parameter, as Caffe's param_propagate_down_)."""
-    flags = getattr(layer, "param_propagate_down", None)
-    return flags is None or index >= len(flags) or bool(flags[index])
-
-
 def _gather(source, index, out):
     """out[i] = source[index[i]] along axis 0 (indices already validated)."""
     if out.dtype == source.dtype:
@@ -146,13 +139,13 @@ class InnerProductLayer(Layer):
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff.reshape(self.M, self.num_output)
         x = bottom[0].data.reshape(self.M, self.K)
-        if _param_needed(self, 0):
+        if self.param_needs_gradient(0):
             w_diff = self.blobs[0].diff
             if self.transpose:
                 w_diff += x.T @ dy
             else:
                 w_diff += dy.T @ x
-        if self.bias_term and _param_needed(self, 1):
+        if self.bias_term and self.param_needs_gradient(1):
             self.blobs[1].diff += dy.sum(axis=0)
         if propagate_down[0]:
             np.matmul(dy, self._weight_nk(), out=bottom[0].diff.reshape(self.M, self.K))
@@ -214,9 +207,9 @@ class EmbedLayer(Layer):
             raise self.error("cannot backpropagate to the embed layer's input (indices)")
         index = self._indices(bottom)
         dy = top[0].diff.reshape(index.size, self.num_output)
-        if _param_needed(self, 0):
+        if self.param_needs_gradient(0):
             np.add.at(self.blobs[0].diff, index, dy)
-        if self.bias_term and _param_needed(self, 1):
+        if self.bias_term and self.param_needs_gradient(1):
             self.blobs[1].diff += dy.sum(axis=0)
 
 
@@ -926,5 +919,5 @@ class ParameterLayer(Layer):
         _share_view(top[0], blob.data, blob.shape)
 
     def backward(self, top, propagate_down, bottom):
-        if _param_needed(self, 0):
+        if self.param_needs_gradient(0):
             self.blobs[0].diff += top[0].diff
