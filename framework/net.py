@@ -114,6 +114,10 @@ class Net:
         self.blobs = OrderedDict()
         self.bottom_names = OrderedDict()
         self.top_names = OrderedDict()
+        # Per layer index (layer names need not be unique: net.cpp does not check, and
+        # mnist_autoencoder.prototxt names two layers "loss"; the dicts above keep the last).
+        self._bottom_name_lists = []
+        self._top_name_lists = []
         self._bottoms = []
         self._tops = []
         self.inputs = []
@@ -123,8 +127,6 @@ class Net:
         self._layer_need_backward = []
         self._bottom_need_backward = []
         for layer_param in param.layer:
-            if layer_param.name in self.top_names:
-                raise NetError(f"layer name '{layer_param.name}' is used twice")
             if not layer_param.HasField("phase"):
                 layer_param.phase = self.phase
             layer = create_layer(layer_param, self.phase)
@@ -180,6 +182,8 @@ class Net:
             self.layer_names.append(layer_param.name)
             self.bottom_names[layer_param.name] = list(layer_param.bottom)
             self.top_names[layer_param.name] = top_names
+            self._bottom_name_lists.append(list(layer_param.bottom))
+            self._top_name_lists.append(top_names)
             self._bottoms.append(bottoms)
             self._tops.append(tops)
             self._layer_need_backward.append(need_backward)
@@ -189,7 +193,7 @@ class Net:
         # Caffe keeps the remaining blobs in a std::set: outputs come in name order.
         self.outputs = sorted(available)
         self.output_loss_weights = {}
-        for layer, tops, names in zip(self.layers, self._tops, self.top_names.values()):
+        for layer, tops, names in zip(self.layers, self._tops, self._top_name_lists):
             for j, name in enumerate(names):
                 if layer.loss(j):
                     self.output_loss_weights[name] = self.output_loss_weights.get(name, 0.0) + layer.loss(j)
@@ -203,7 +207,7 @@ class Net:
         under_loss = set()
         skip_propagate = set()
         for i in reversed(range(len(self.layers))):
-            layer, names = self.layers[i], self.top_names[self.layer_names[i]]
+            layer, names = self.layers[i], self._top_name_lists[i]
             contributes = any(layer.loss(j) or name in under_loss for j, name in enumerate(names))
             skip = all(name in skip_propagate for name in names) if names else True
             if self._layer_need_backward[i] and skip:
@@ -211,7 +215,7 @@ class Net:
                 self._bottom_need_backward[i] = [False] * len(self._bottoms[i])
             if not contributes:
                 self._layer_need_backward[i] = False
-            for j, name in enumerate(self.bottom_names[self.layer_names[i]]):
+            for j, name in enumerate(self._bottom_name_lists[i]):
                 if contributes:
                     under_loss.add(name)
                 else:
@@ -274,19 +278,69 @@ class Net:
 
     def forward_from_to(self, start, end):
         """Run layers start..end inclusive; return the weighted loss of those layers."""
+        release = self._release_plan(end) if self.memory_saving else None
         loss = 0.0
         for i in range(start, end + 1):
             layer, bottoms, tops = self.layers[i], self._bottoms[i], self._tops[i]
             layer.reshape(bottoms, tops)
+            if release is not None:
+                for top in tops:
+                    if _is_released(top):
+                        top.data = np.empty(top.shape, dtype=top.dtype)
             layer.forward(bottoms, tops)
             for weight, top in zip(layer.loss_weights, tops):
                 if weight:
                     loss += weight * float(np.sum(top.data, dtype=np.float64))
                     top.diff[...] = weight
+            if release is not None:
+                for blob in release[i]:
+                    _release(blob)
         return loss
+
+    # -- memory-saving inference -----------------------------------------------------
+    @property
+    def memory_saving(self):
+        """Opt-in inference mode: free each intermediate blob's data after its last reader.
+
+        While on, ``forward`` drops the data array of every blob that no later
+        layer reads, keeping the net's inputs and outputs, the tops of ``end``
+        and the blobs asked for with ``forward(blobs=[...])``; a dropped blob
+        reads as zeros (a read-only placeholder of its shape) until a layer
+        writes it again, with a fresh array, on the next forward.  Peak memory
+        is then the largest set of blobs alive at once instead of all of them.
+        ``backward`` is refused (the data it needs is gone) and ``forward``
+        must start at the first layer.  Off by default.
+        """
+        return getattr(self, "_memory_saving", False)
+
+    @memory_saving.setter
+    def memory_saving(self, enabled):
+        self._memory_saving = bool(enabled)
+        self._keep_blobs = set()
+        if not enabled:  # give dropped blobs writable (zero) arrays again
+            for blob in self.blobs.values():
+                if _is_released(blob):
+                    blob.data = np.zeros(blob.shape, dtype=blob.dtype)
+
+    def _release_plan(self, end):
+        """Per layer index, the blobs whose last reader or writer (up to ``end``) it is."""
+        keep = set(self.inputs) | set(self.outputs) | self._keep_blobs
+        keep.update(self._top_name_lists[end])
+        last = {}
+        for i in range(len(self.layers)):
+            for blob in self._bottom_name_lists[i] + self._top_name_lists[i]:
+                last[blob] = i
+        plan = [[] for _ in self.layers]
+        for blob, i in last.items():
+            if blob not in keep and i <= end:
+                plan[i].append(self.blobs[blob])
+        return plan
 
     def backward_from_to(self, start, end):
         """Run backward for layers start down to end inclusive, where needed."""
+        if self.memory_saving:
+            raise NetError(f"net '{self.name}' is in memory-saving inference mode, which frees the "
+                           f"data backward needs: set net.memory_saving = False and run forward again")
         for i in range(start, end - 1, -1):
             if self._layer_need_backward[i]:
                 self.layers[i].backward(self._tops[i], self._bottom_need_backward[i], self._bottoms[i])
@@ -312,8 +366,13 @@ class Net:
             blob.data[...] = array
         start_index = self._layer_index(start, 0)
         end_index = self._layer_index(end, len(self.layers) - 1)
+        if self.memory_saving:
+            if start_index != 0:
+                raise NetError(f"net '{self.name}' is in memory-saving inference mode: forward must "
+                               f"start at the first layer (got start='{start}')")
+            self._keep_blobs = set(blobs or [])
         self.forward_from_to(start_index, end_index)
-        names = list(self.top_names[self.layer_names[end_index]]) if end is not None else list(self.outputs)
+        names = list(self._top_name_lists[end_index]) if end is not None else list(self.outputs)
         names += [b for b in (blobs or []) if b not in names]
         return {name: self.blobs[name].data for name in names}
 
@@ -331,7 +390,7 @@ class Net:
         start_index = self._layer_index(start, len(self.layers) - 1)
         end_index = self._layer_index(end, 0)
         self.backward_from_to(start_index, end_index)
-        names = list(self.bottom_names[self.layer_names[end_index]]) if end is not None else list(self.inputs)
+        names = list(self._bottom_name_lists[end_index]) if end is not None else list(self.inputs)
         names += [b for b in (diffs or []) if b not in names]
         return {name: self.blobs[name].diff for name in names}
 
@@ -442,6 +501,16 @@ class Net:
 
     def __repr__(self):
         return f"<Net '{self.name}' ({len(self.layers)} layers, phase {caffe_pb2.Phase.Name(self.phase)})>"
+
+
+def _release(blob):
+    """Drop a blob's data array (memory-saving mode): a read-only zero view of its shape stands in."""
+    blob.data = np.broadcast_to(np.zeros((), dtype=blob.dtype), blob.shape)
+
+
+def _is_released(blob):
+    data = blob.data
+    return data.size > 0 and not data.flags.writeable and not any(data.strides)
 
 
 def _shape_str(shape):
