@@ -20,3 +20,6 @@ import layers as _layers  # noqa: E402,F401  (registers every built-in layer typ
 from .solver import Solver, SolverError, get_solver  # noqa: E402
 from .solvers import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,  # noqa: E402
                       RMSPropSolver, SGDSolver)
+
+# pycaffe's caffe.Classifier (image preprocessing in framework.io.Transformer).
+from .classifier import Classifier  # noqa: E402

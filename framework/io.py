@@ -20,6 +20,11 @@ Blobs
     ``proto.data.extend(array)``.  :func:`blobproto_to_array` and
     :func:`array_to_blobproto` are pycaffe's ``caffe.io`` names;
     :func:`load_mean_file` / :func:`save_mean_file` handle ``mean.binaryproto``.
+
+Images (pycaffe's ``caffe.io``)
+    :func:`load_image` (float RGB in [0, 1], H×W×C), :func:`resize_image`,
+    :func:`oversample` (10 crops) and :class:`Transformer`, which turns
+    images into a net's input blobs (transpose, channel swap, scales, mean).
 """
 import os
 import tempfile
@@ -421,3 +426,301 @@ def _packed_payloads(serialized, numbers):
         else:  # groups never occur in caffe.proto
             raise WeightsError(f"unexpected wire type {wire} in a serialized BlobProto")
     return found
+
+
+# ----------------------------------------------------------------------------
+# Images and the Transformer (pycaffe's caffe.io: load_image, resize_image,
+# oversample, Transformer)
+# ----------------------------------------------------------------------------
+
+from .errors import CaffeError  # noqa: E402  (used by this section only)
+
+
+class TransformerError(CaffeError, ValueError):
+    """A Transformer setting does not fit the net input (also a ValueError, as in pycaffe)."""
+
+
+def load_image(filename, color=True):
+    """pycaffe's ``caffe.io.load_image``: an image file as float32 ``(H, W, C)`` in [0, 1].
+
+    color -- True (default): RGB, 3 channels (gray images are repeated on all
+             three); False: 1 channel (colour images become luminance
+             0.2125 R + 0.7154 G + 0.0721 B, scikit-image's ``rgb2gray``).
+    Channels are in RGB order (not Caffe's BGR: ``Transformer.set_channel_swap``
+    reorders them); an alpha channel is dropped.  8-bit images are divided by
+    255, 16-bit ones by 65535 (``img_as_float``).  Decoding uses Pillow.
+    Raises CaffeError naming the file when it is missing or not an image.
+    """
+    try:
+        from PIL import Image
+    except ImportError:
+        raise CaffeError("load_image needs the 'Pillow' package: pip install Pillow") from None
+    filename = os.fspath(filename)
+    try:
+        with Image.open(filename) as img:
+            img.load()
+            return _pil_to_float(img, color)
+    except FileNotFoundError:
+        raise CaffeError(f"image file '{filename}' not found") from None
+    except IsADirectoryError:
+        raise CaffeError(f"image file '{filename}' is a directory") from None
+    except Image.UnidentifiedImageError:
+        raise CaffeError(f"cannot read image file '{filename}': not an image format "
+                         f"Pillow can decode") from None
+    except OSError as exc:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise CaffeError(f"cannot read image file '{filename}': {reason}") from None
+    except (ValueError, SyntaxError) as exc:  # some corrupt files raise these in Pillow
+        raise CaffeError(f"cannot read image file '{filename}': {exc}") from None
+
+
+def _pil_to_float(img, color):
+    """A loaded PIL image as float32 (H, W, C) in [0, 1] (skimage's img_as_float)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img, dtype=np.float64) / 65535.0
+        arr = arr[:, :, None]
+    elif mode == "F":
+        arr = np.asarray(img, dtype=np.float64)[:, :, None]
+    elif mode == "I":
+        arr = np.asarray(img, dtype=np.float64) / 2147483647.0
+        arr = arr[:, :, None]
+    elif mode in ("1", "L", "LA", "La"):
+        arr = np.asarray(img.convert("L"), dtype=np.float64)[:, :, None] / 255.0
+    else:  # RGB, RGBA, P, CMYK, YCbCr...: RGB, alpha dropped
+        arr = np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+    if color and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif not color and arr.shape[2] == 3:
+        arr = arr @ np.array([0.2125, 0.7154, 0.0721])  # skimage.color.rgb2gray
+        arr = arr[:, :, None]
+    return arr.astype(np.float32)
+
+
+def _sample_grid(src, dst):
+    """Source coordinates of ``dst`` output pixels, half-pixel centres: (d + 0.5)·src/dst − 0.5."""
+    return (np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5
+
+
+def resize_image(im, new_dims, interp_order=1):
+    """pycaffe's ``caffe.io.resize_image``: resize ``im`` (H, W, K) to ``new_dims`` (h, w).
+
+    interp_order -- 1 (default): bilinear; 0: nearest neighbour.
+    Pixel centres are aligned (output pixel d samples source coordinate
+    (d + 0.5)·H/h − 0.5) and coordinates outside the image are clamped to its
+    edge.  Any number of channels K; returns float32 (h, w, K).
+    A constant image stays exactly constant (pycaffe special-cases it too).
+    pycaffe resamples with scikit-image, whose ``mode='constant'`` blends the
+    outermost output pixels toward the image minimum when upscaling and which
+    (in newer versions) blurs before downscaling; this plain bilinear version
+    does neither, so values can differ from pycaffe's near the borders.
+    """
+    im = np.asarray(im)
+    if im.ndim == 2:
+        im = im[:, :, None]
+    if im.ndim != 3:
+        raise TransformerError(f"resize_image expects an H x W x K image, got shape {im.shape}")
+    h, w = (int(d) for d in new_dims)
+    if h <= 0 or w <= 0:
+        raise TransformerError(f"resize_image: new_dims must be positive, got {tuple(new_dims)}")
+    H, W, _ = im.shape
+    if (H, W) == (h, w):
+        return im.astype(np.float32)
+    if interp_order == 0:
+        rows = np.minimum(np.floor((np.arange(h) + 0.5) * (H / h)).astype(np.int64), H - 1)
+        cols = np.minimum(np.floor((np.arange(w) + 0.5) * (W / w)).astype(np.int64), W - 1)
+        return im[rows][:, cols].astype(np.float32)
+    if interp_order != 1:
+        raise TransformerError(f"resize_image: interp_order must be 0 or 1, got {interp_order}")
+    im = im.astype(np.float32, copy=False)
+    ys = np.clip(_sample_grid(H, h), 0, H - 1)
+    xs = np.clip(_sample_grid(W, w), 0, W - 1)
+    y0 = np.floor(ys).astype(np.int64)
+    x0 = np.floor(xs).astype(np.int64)
+    y1 = np.minimum(y0 + 1, H - 1)
+    x1 = np.minimum(x0 + 1, W - 1)
+    wy = (ys - y0).astype(np.float32)[:, None, None]
+    wx = (xs - x0).astype(np.float32)[None, :, None]
+    # a + w·(b − a) form: exact where neighbours are equal (a constant image stays constant)
+    top, bottom = im[y0], im[y1]                      # (h, W, K) each
+    top = top[:, x0] + wx * (top[:, x1] - top[:, x0])  # (h, w, K)
+    bottom = bottom[:, x0] + wx * (bottom[:, x1] - bottom[:, x0])
+    return (top + wy * (bottom - top)).astype(np.float32, copy=False)
+
+
+def _crop_boxes(im_dims, crop_dims):
+    """pycaffe's 10-crop boxes (y0, x0, y1, x1): 4 corners, the centre, then the same 5 again."""
+    H, W = (int(d) for d in im_dims)
+    ch, cw = (int(d) for d in crop_dims)
+    if ch > H or cw > W:
+        raise TransformerError(f"crop {ch}x{cw} is larger than the image {H}x{W}")
+    boxes = [(y, x, y + ch, x + cw) for y in (0, H - ch) for x in (0, W - cw)]
+    # Centre: start/end truncated toward zero from centre -/+ half the crop (io.py's int cast).
+    centre = np.array([H / 2.0, W / 2.0, H / 2.0, W / 2.0])
+    half = np.array([-ch / 2.0, -cw / 2.0, ch / 2.0, cw / 2.0])
+    boxes.append(tuple(int(v) for v in np.trunc(centre + half)))
+    return boxes + boxes
+
+
+def oversample(images, crop_dims):
+    """pycaffe's ``caffe.io.oversample``: 10 crops of each (H, W, K) image.
+
+    For each image, in order: the top-left, top-right, bottom-left and
+    bottom-right corners, the centre, then those five crops mirrored
+    left-right.  ``images`` is a sequence (or N×H×W×K array) of images of one
+    size; returns float32 (10·N, crop_h, crop_w, K).
+    """
+    images = [np.asarray(im) for im in images]
+    if not images:
+        raise TransformerError("oversample: no images given")
+    H, W, K = images[0].shape
+    ch, cw = (int(d) for d in crop_dims)
+    boxes = _crop_boxes((H, W), (ch, cw))
+    crops = np.empty((10 * len(images), ch, cw, K), dtype=np.float32)
+    for i, im in enumerate(images):
+        if im.shape != (H, W, K):
+            raise TransformerError(f"oversample: image {i} has shape {im.shape}, image 0 has "
+                                   f"{(H, W, K)}; all images must have one size")
+        for j, (y0, x0, y1, x1) in enumerate(boxes):
+            crops[10 * i + j] = im[y0:y1, x0:x1]
+        crops[10 * i + 5:10 * i + 10] = crops[10 * i + 5:10 * i + 10, :, ::-1]  # the mirrors
+    return crops
+
+
+class Transformer:
+    """pycaffe's ``caffe.io.Transformer``: images (H, W, K) to net input blobs and back.
+
+    ``inputs`` maps each input name to its blob shape, e.g.
+    ``Transformer({"data": net.blobs["data"].data.shape})``.  Per input, the
+    optional settings are applied by :meth:`preprocess` in this order:
+
+    1. convert to float32 (a copy: the caller's array is never modified);
+    2. resize to the input's (H, W) if the image's first two dims differ;
+    3. ``transpose`` (e.g. ``(2, 0, 1)``: H×W×K → K×H×W);
+    4. ``channel_swap`` (e.g. ``(2, 1, 0)``: RGB → BGR);
+    5. multiply by ``raw_scale`` (e.g. 255 for images loaded in [0, 1]);
+    6. subtract ``mean`` (a per-channel (C,) vector or a (C, H, W) array);
+    7. multiply by ``input_scale``.
+
+    :meth:`deprocess` undoes 7 → 3 (not the resize).
+    """
+
+    def __init__(self, inputs):
+        self.inputs = {name: tuple(int(d) for d in shape) for name, shape in inputs.items()}
+        self.transpose = {}
+        self.channel_swap = {}
+        self.raw_scale = {}
+        self.mean = {}
+        self.input_scale = {}
+
+    def _check_input(self, in_):
+        if in_ not in self.inputs:
+            raise TransformerError(f"'{in_}' is not one of the net inputs: {list(self.inputs)}")
+
+    def preprocess(self, in_, data):
+        """Format ``data`` (H, W, K) for input ``in_``: steps 1-7 of the class docstring."""
+        self._check_input(in_)
+        caffe_in = np.array(data, dtype=np.float32)  # a copy, so the steps below work in place
+        in_dims = self.inputs[in_][2:]
+        if len(in_dims) == 2 and caffe_in.shape[:2] != in_dims:
+            caffe_in = resize_image(caffe_in, in_dims)
+        transpose = self.transpose.get(in_)
+        if transpose is not None:
+            caffe_in = caffe_in.transpose(transpose)
+        channel_swap = self.channel_swap.get(in_)
+        if channel_swap is not None:
+            caffe_in = caffe_in[list(channel_swap), :, :]
+        raw_scale = self.raw_scale.get(in_)
+        if raw_scale is not None:
+            caffe_in *= raw_scale
+        mean = self.mean.get(in_)
+        if mean is not None:
+            caffe_in -= mean
+        input_scale = self.input_scale.get(in_)
+        if input_scale is not None:
+            caffe_in *= input_scale
+        return caffe_in
+
+    def deprocess(self, in_, data):
+        """Invert :meth:`preprocess` (except the resize) for one blob item, e.g. for display.
+
+        ``data`` is squeezed first (a 1×K×H×W batch of one works); returns
+        float32 (H, W, K) when a transpose was set.
+        """
+        self._check_input(in_)
+        decaf_in = np.array(data, dtype=np.float32).squeeze()
+        input_scale = self.input_scale.get(in_)
+        if input_scale is not None:
+            decaf_in /= input_scale
+        mean = self.mean.get(in_)
+        if mean is not None:
+            decaf_in += mean
+        raw_scale = self.raw_scale.get(in_)
+        if raw_scale is not None:
+            decaf_in /= raw_scale
+        channel_swap = self.channel_swap.get(in_)
+        if channel_swap is not None:
+            decaf_in = decaf_in[np.argsort(channel_swap), :, :]
+        transpose = self.transpose.get(in_)
+        if transpose is not None:
+            decaf_in = decaf_in.transpose(np.argsort(transpose))
+        return decaf_in
+
+    def set_transpose(self, in_, order):
+        """Axis order applied to the image, e.g. ``(2, 0, 1)`` for H×W×K → K×H×W."""
+        self._check_input(in_)
+        order = tuple(int(a) for a in order)
+        if len(order) != len(self.inputs[in_]) - 1:
+            raise TransformerError(f"transpose order {order} needs {len(self.inputs[in_]) - 1} "
+                                   f"axes, as many as the input '{in_}' has per item")
+        if sorted(order) != list(range(len(order))):
+            raise TransformerError(f"transpose order {order} is not a permutation of "
+                                   f"0..{len(order) - 1}")
+        self.transpose[in_] = order
+
+    def set_channel_swap(self, in_, order):
+        """Channel order taken after the transpose, e.g. ``(2, 1, 0)`` for RGB → BGR."""
+        self._check_input(in_)
+        order = tuple(int(c) for c in order)
+        channels = self.inputs[in_][1]
+        if len(order) != channels:
+            raise TransformerError(f"channel swap {order} needs {channels} entries, as many as "
+                                   f"the input '{in_}' has channels")
+        if sorted(order) != list(range(channels)):
+            raise TransformerError(f"channel swap {order} is not a permutation of 0..{channels - 1}")
+        self.channel_swap[in_] = order
+
+    def set_raw_scale(self, in_, scale):
+        """Multiply the raw image by ``scale`` (e.g. 255 for [0, 1] images), before the mean."""
+        self._check_input(in_)
+        self.raw_scale[in_] = scale
+
+    def set_mean(self, in_, mean):
+        """Mean to subtract: a per-channel (C,) vector or an elementwise (C, H, W) / (H, W) array.
+
+        The shape must fit the input blob (C = its channels; (C, H, W) = its
+        item shape), else TransformerError.
+        """
+        self._check_input(in_)
+        mean = np.asarray(mean)
+        shape = self.inputs[in_]
+        if mean.ndim == 1:
+            if len(shape) < 2 or mean.shape[0] != shape[1]:
+                raise TransformerError(f"mean has {mean.shape[0]} channels; input '{in_}' of "
+                                       f"shape {shape} has {shape[1] if len(shape) > 1 else 0}")
+            mean = mean[:, np.newaxis, np.newaxis]
+        else:
+            ms = mean.shape if mean.ndim != 2 else (1,) + mean.shape
+            if len(ms) != 3:
+                raise TransformerError(f"mean shape {mean.shape} is invalid: expected (C,), (H, W) "
+                                       f"or (C, H, W)")
+            if ms != shape[1:]:
+                raise TransformerError(f"mean shape {mean.shape} is incompatible with input "
+                                       f"'{in_}' of shape {shape} (expected {shape[1:]} or "
+                                       f"a per-channel ({shape[1]},) vector)")
+        self.mean[in_] = mean
+
+    def set_input_scale(self, in_, scale):
+        """Multiply the mean-subtracted input by ``scale`` (the last step)."""
+        self._check_input(in_)
+        self.input_scale[in_] = scale
