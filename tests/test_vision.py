@@ -882,3 +882,145 @@ def test_crop_backward_zero_outside_and_for_reference_bottom():
 def test_crop_errors(params, ref_shape, pattern):
     with pytest.raises(LayerError, match=r"layer 'k' \(type Crop\).*" + pattern):
         run(crop_text(params), rand(1, 2, 4, 4), np.zeros(ref_shape))
+
+
+# -----------------------------------------------------------------------------
+# fast paths: GEMM layouts, chunking, threaded copies, separable max pooling
+# -----------------------------------------------------------------------------
+
+def ref_conv2d_grads(x, w, dy, stride=(1, 1), pad=(0, 0), dil=(1, 1), group=1):
+    """Loop reference of the convolution's gradients: (dW, db, dx) for upstream dy."""
+    n_, c_, h, wd = x.shape
+    m_, cg, kh, kw = w.shape
+    _, _, oh, ow = dy.shape
+    mg = m_ // group
+    xp = np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
+    dxp = np.zeros_like(xp)
+    dw = np.zeros_like(w)
+    for n in range(n_):
+        for m in range(m_):
+            g = m // mg
+            for i in range(oh):
+                for j in range(ow):
+                    for c in range(cg):
+                        for a in range(kh):
+                            for b in range(kw):
+                                y, z = i * stride[0] + a * dil[0], j * stride[1] + b * dil[1]
+                                dw[m, c, a, b] += dy[n, m, i, j] * xp[n, g * cg + c, y, z]
+                                dxp[n, g * cg + c, y, z] += dy[n, m, i, j] * w[m, c, a, b]
+    dx = dxp[:, :, pad[0]:pad[0] + h, pad[1]:pad[1] + wd]
+    return dw, dy.sum(axis=(0, 2, 3)), dx
+
+
+@pytest.fixture(params=["per_image", "merged"])
+def conv_layout(request, monkeypatch):
+    """Force one GEMM layout, small chunks and threaded copies of any size."""
+    from layers import vision
+    monkeypatch.setattr(vision, "MERGE_BELOW_OUT", 0 if request.param == "per_image" else 10 ** 9)
+    monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    return request.param
+
+
+@pytest.mark.parametrize("params, kw, shape", [
+    ("num_output: 4 kernel_size: 1", {}, (3, 5, 4, 3)),
+    ("num_output: 4 kernel_size: 1 stride: 2", {"stride": (2, 2)}, (3, 5, 5, 4)),
+    ("num_output: 6 kernel_size: 3 pad: 1", {"pad": (1, 1)}, (3, 4, 5, 6)),
+    ("num_output: 6 kernel_size: 3 pad: 2 dilation: 2 group: 2 stride: 2",
+     {"pad": (2, 2), "dil": (2, 2), "group": 2, "stride": (2, 2)}, (2, 4, 7, 6)),
+    ("num_output: 3 kernel_h: 2 kernel_w: 3 pad_h: 1 pad_w: 0", {"pad": (1, 0)}, (1, 2, 4, 5)),
+])
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_conv_layouts_forward_and_backward_match_reference(conv_layout, monkeypatch, params, kw, shape,
+                                                           chunk_bytes):
+    from layers import vision
+    monkeypatch.setattr(vision, "COL_BUFFER_BYTES", chunk_bytes)  # 1: one image per chunk
+    x = rand(*shape, seed=4)
+    layer, bottom, top = run(conv_text(f"{params} {gaussian()}"), x)
+    w, b = layer.blobs[0].data.astype(np.float64), layer.blobs[1].data.astype(np.float64)
+    np.testing.assert_allclose(top[0].data, ref_conv2d(x, w, b, **kw), rtol=1e-10, atol=1e-10)
+    dy = rand(*top[0].shape, seed=5)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    dw, db, dx = ref_conv2d_grads(x, w, dy, **kw)
+    np.testing.assert_allclose(layer.blobs[0].diff, dw, rtol=1e-5, atol=1e-5)  # float32 param blobs
+    np.testing.assert_allclose(layer.blobs[1].diff, db, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bottom[0].diff, dx, rtol=1e-10, atol=1e-10)
+
+
+def test_conv_layouts_float32_agree(monkeypatch):
+    """The two layouts give the same float32 numbers up to round-off (ResNet-like 1x1 and 3x3)."""
+    from layers import vision
+    results = []
+    for merge in (0, 10 ** 9):
+        monkeypatch.setattr(vision, "MERGE_BELOW_OUT", merge)
+        x = rand(4, 16, 7, 7, seed=6).astype(np.float32)
+        for params in ("num_output: 32 kernel_size: 1", "num_output: 8 kernel_size: 3 pad: 1 stride: 2"):
+            frandom.set_random_seed(11)  # same filled weights for both layouts
+            _, _, top = run(conv_text(f"{params} {gaussian()}"), x, dtype=np.float32)
+            assert top[0].data.dtype == np.float32
+            results.append(top[0].data.copy())
+    for a, b in zip(results[:2], results[2:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_backward_honours_param_propagate_down():
+    x = rand(2, 3, 5, 5, seed=7)
+    layer, bottom, top = run(conv_text(f"num_output: 2 kernel_size: 3 {gaussian()}"), x)
+    layer.param_propagate_down = [False, True]  # weights frozen (lr_mult 0), bias learns
+    top[0].diff[...] = 1.0
+    layer.backward(top, [False], bottom)
+    assert not layer.blobs[0].diff.any()
+    np.testing.assert_allclose(layer.blobs[1].diff, [9 * 2, 9 * 2])
+
+
+def test_deconv_uses_both_layouts(conv_layout):
+    x = rand(3, 4, 3, 3, seed=8)
+    layer, _, top = run(conv_text(f"num_output: 2 kernel_size: 3 stride: 2 pad: 1 {gaussian()}",
+                                  type_="Deconvolution"), x)
+    ref = ref_deconv2d(x, layer.blobs[0].data.astype(np.float64), layer.blobs[1].data.astype(np.float64),
+                       (2, 2), (1, 1))
+    np.testing.assert_allclose(top[0].data, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_parallel_copy_splits_along_the_first_axis(monkeypatch):
+    from layers import vision
+    monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
+    assert vision.copy_threads() == min(3, __import__("os").cpu_count())
+    src = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
+    dst = np.empty((7, 5, 3), dtype=np.float32)
+    vision.pcopyto(dst, src.swapaxes(0, 1))
+    np.testing.assert_array_equal(dst, src.swapaxes(0, 1))
+    one = np.empty((1, 4), dtype=np.float32)
+    vision.pcopyto(one, np.ones((1, 4), dtype=np.float32))  # a single row: no split
+    assert one.sum() == 4
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
+    assert vision.copy_threads() == 1
+
+
+@pytest.mark.parametrize("params, k, s, p", [
+    ("kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0)),
+    ("kernel_size: 3 stride: 2 pad: 1", (3, 3), (2, 2), (1, 1)),
+    ("kernel_h: 2 kernel_w: 3 stride_h: 1 stride_w: 2 pad_h: 1 pad_w: 1", (2, 3), (1, 2), (1, 1)),
+])
+def test_test_phase_max_pooling_threaded_matches_loops(monkeypatch, params, k, s, p):
+    """TEST phase without a mask top takes the separable, plane-split path."""
+    from layers import vision
+    monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    x = rand(3, 5, 9, 8, seed=9)
+    x[0, 0, 0, :] = np.nan  # fmax: NaN never wins (Caffe's '>')
+    layer, _, top = run(pool_text(f"pool: MAX {params}"), x, phase=TEST)
+    assert layer.pool.mask is None
+    ref, _ = ref_pool(x, "MAX", k, s, p)
+    np.testing.assert_array_equal(top[0].data, ref)
+
+
+def test_global_average_pooling_fast_path_matches_loops():
+    x = rand(2, 3, 7, 7, seed=10).astype(np.float32)
+    _, _, top = run(pool_text("pool: AVE kernel_size: 7"), x, dtype=np.float32)
+    ref, _ = ref_pool(x.astype(np.float64), "AVE", (7, 7), (1, 1), (0, 0))
+    assert top[0].shape == (2, 3, 1, 1)
+    np.testing.assert_allclose(top[0].data, ref, rtol=1e-6)
+
