@@ -454,8 +454,8 @@ class Net:
         """Load weights from a .caffemodel (binary, any Caffe version) or .caffemodel.h5 file."""
         path = os.fspath(path)
         if path.endswith(".h5"):
-            from .hdf5_weights import copy_from_hdf5
-            copy_from_hdf5(self, path)
+            from .solvers.hdf5 import load_net_hdf5  # h5py only when an .h5 file is asked for
+            load_net_hdf5(self, path)
             return
         self.copy_trained_layers_from(read_weights_param(path), source=path)
 

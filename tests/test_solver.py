@@ -429,6 +429,19 @@ def test_hdf5_snapshot_restore(type_name, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+
+def test_net_copy_from_reads_hdf5_snapshot(tmp_path):
+    pytest.importorskip("h5py")
+    prefix = str(tmp_path / "w")
+    trained = make("SGD", CONFIGS["SGD"] + f' snapshot_prefix: "{prefix}" snapshot_format: HDF5')
+    trained.step(3)
+    trained.snapshot()
+    fresh = make("SGD", CONFIGS["SGD"], random_seed=5)
+    assert not np.array_equal(fresh.net.params["ip"][0].data, trained.net.params["ip"][0].data)
+    fresh.net.copy_from(prefix + "_iter_3.caffemodel.h5")
+    for a, b in zip(params(fresh), params(trained)):
+        np.testing.assert_array_equal(a, b)
+
 def test_snapshot_diff_writes_diffs(tmp_path):
     prefix = str(tmp_path / "d")
     s = make("SGD", CONFIGS["SGD"] + f' snapshot_prefix: "{prefix}" snapshot_diff: true')
