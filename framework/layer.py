@@ -86,6 +86,9 @@ class Layer:
         self.loss_weights = []
         # Set by the net: False for parameters with lr_mult 0 (Caffe's param_propagate_down_).
         self.param_propagate_down = None
+        # Set by the net: False when it will never run this layer's backward (net.cpp's
+        # layer_need_backward_), so forward may skip caching what only backward reads.
+        self.backward_needed = True
 
     # -- identity --------------------------------------------------------------
     @property

@@ -230,6 +230,8 @@ class Net:
                 self._bottom_need_backward[i] = [
                     need or layer.allow_force_backward(j) for j, need in enumerate(self._bottom_need_backward[i])]
                 layer.param_propagate_down = [True] * len(layer.blobs)
+        for layer, need in zip(self.layers, self._layer_need_backward):
+            layer.backward_needed = need
 
     def _collect_params(self):
         """Owners and sharers of parameters by ``param { name }`` (net.cpp AppendParam)."""
@@ -413,6 +415,11 @@ class Net:
         """data -= diff for every learnable parameter (Caffe's Net::Update)."""
         for blob in self.learnable_params:
             np.subtract(blob.data, blob.diff, out=blob.data)
+
+    @property
+    def layer_dict(self):
+        """pycaffe's Net.layer_dict: layer name -> layer, in net order (the last of duplicate names)."""
+        return OrderedDict(zip(self.layer_names, self.layers))
 
     @property
     def layer_need_backward(self):

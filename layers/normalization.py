@@ -93,16 +93,18 @@ class BatchNormLayer(Layer):
         y3 = _channel_view(top[0].data, self.channels)
         if self.use_global_stats:
             mean, var = self._global_stats(dtype)
+            np.subtract(x3, mean[:, None], out=y3)  # elementwise: safe in place
         else:
             mean = x3.mean(axis=(0, 2))
-            centred = x3 - mean[:, None]
-            var = np.einsum("ncs,ncs->c", centred, centred) / dtype.type(centred.size // self.channels)
+            np.subtract(x3, mean[:, None], out=y3)  # x is not read again: safe in place
+            var = np.einsum("ncs,ncs->c", y3, y3) / dtype.type(y3.size // self.channels)
             self._update_running_stats(mean, var, m=x.size // self.channels)
         std = np.sqrt(var + dtype.type(self.eps))
-        np.subtract(x3, mean[:, None], out=y3)  # elementwise: safe in place
         y3 /= std[:, None]
-        # batch_norm_layer.cpp caches x_norm: later in-place layers may clobber the top
-        self._x_norm = y3.copy()
+        # batch_norm_layer.cpp caches x_norm, as later in-place layers may clobber the top;
+        # only the batch-statistics backward reads it.
+        need_x_norm = self.backward_needed and not self.use_global_stats
+        self._x_norm = y3.copy() if need_x_norm else None
         self._std = std
 
     def _global_stats(self, dtype):
@@ -228,7 +230,7 @@ class LRNLayer(Layer):
             y, scale = lrn_across_channels(x, self.size, self.alpha, self.beta, self.k)
         else:
             y, scale = lrn_within_channel(x, self.size, self.alpha, self.beta)
-        self._x = x.copy() if top[0] is bottom[0] else None
+        self._x = x.copy() if top[0] is bottom[0] and self.backward_needed else None
         self._scale = scale
         top[0].data[...] = y
 
@@ -302,7 +304,7 @@ class MVNLayer(Layer):
             std += t(self.eps)
             y2 /= std
             self._std = std
-            self._y = y2.copy()
+            self._y = y2.copy() if self.backward_needed else None
 
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
@@ -408,7 +410,7 @@ class ScaleLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         outer, dim, inner = self._dims
-        self._x = x.copy() if top[0] is bottom[0] else None
+        self._x = x.copy() if top[0] is bottom[0] and self.backward_needed else None
         gamma = self._gamma(bottom).data.astype(x.dtype, copy=False).reshape(1, dim, 1)
         y3 = top[0].data.reshape(outer, dim, inner)
         np.multiply(x.reshape(outer, dim, inner), gamma, out=y3)

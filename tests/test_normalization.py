@@ -654,3 +654,58 @@ def test_bias_errors():
         run('name: "b" type: "Bias" bias_param { num_axes: 2 }', [inputs((2, 3))])
     with pytest.raises(LayerError, match="does not match"):
         run('name: "b" type: "Bias"', [inputs((2, 3)), inputs((2,))])
+
+
+# ---------------------------------------------------------------------------
+# Caches that only backward reads are skipped where the net never runs backward
+# ---------------------------------------------------------------------------
+
+_BN_SCALE_NET = """
+name: "bn_scale" {force}
+input: "data" input_shape {{ dim: 2 dim: 3 dim: 4 dim: 4 }}
+layer {{ name: "bn" type: "BatchNorm" bottom: "data" top: "data"
+        batch_norm_param {{ use_global_stats: {global_stats} }} }}
+layer {{ name: "scale" type: "Scale" bottom: "data" top: "data" scale_param {{ bias_term: true }} }}
+layer {{ name: "lrn" type: "LRN" bottom: "data" top: "data" }}
+layer {{ name: "mvn" type: "MVN" bottom: "data" top: "out" }}
+"""
+
+
+def _bn_scale_net(tmp_path, force_backward, global_stats):
+    import framework
+    path = tmp_path / "net.prototxt"
+    path.write_text(_BN_SCALE_NET.format(force="force_backward: true" if force_backward else "",
+                                         global_stats=str(global_stats).lower()))
+    net = framework.Net(str(path), framework.TRAIN)
+    rng = np.random.default_rng(3)
+    for name in ("bn", "scale"):
+        for blob in net.params[name]:
+            blob.data[...] = rng.uniform(0.5, 1.5, blob.shape)
+    return net, rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+
+
+@pytest.mark.parametrize("global_stats", [True, False])
+def test_no_backward_caches_without_backward(tmp_path, global_stats):
+    plain, x = _bn_scale_net(tmp_path, force_backward=False, global_stats=global_stats)
+    forced, _ = _bn_scale_net(tmp_path, force_backward=True, global_stats=global_stats)
+    for name in ("bn", "scale", "lrn", "mvn"):
+        assert not plain.layer_dict[name].backward_needed
+        assert forced.layer_dict[name].backward_needed
+    for name in ("bn", "scale"):
+        for mine, theirs in zip(plain.params[name], forced.params[name]):
+            mine.data[...] = theirs.data
+    out_plain = plain.forward(data=x)["out"].copy()
+    out_forced = forced.forward(data=x)["out"].copy()
+    np.testing.assert_array_equal(out_plain, out_forced)
+    layers = plain.layer_dict
+    assert layers["bn"]._x_norm is None and layers["scale"]._x is None
+    assert layers["lrn"]._x is None and layers["mvn"]._y is None
+    # With backward forced on, the in-place layers keep what backward needs.
+    flayers = forced.layer_dict
+    assert flayers["scale"]._x is not None and flayers["lrn"]._x is not None
+    assert flayers["mvn"]._y is not None
+    assert (flayers["bn"]._x_norm is None) == global_stats
+    forced.blobs["out"].diff[...] = 1.0
+    forced.backward()
+    assert np.isfinite(forced.blobs["data"].diff).all()
+    assert np.abs(forced.params["scale"][0].diff).sum() > 0
