@@ -474,8 +474,7 @@ class Net:
             if target is None:
                 log.info("Ignoring source layer %s", layer_param.name)
                 continue
-            if not layer_param.blobs:
-                continue
+            # net.cpp CHECKs the blob counts even when the file's layer has none.
             if len(layer_param.blobs) != len(target.blobs):
                 raise WeightsError(
                     f"{source}: incompatible number of blobs for layer '{layer_param.name}': "

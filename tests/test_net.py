@@ -362,6 +362,22 @@ def test_weight_shape_mismatch_names_layer_and_both_shapes(tmp_path):
         build(MLP).copy_from(str(path))
 
 
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_weight_blob_count_mismatch_is_refused(tmp_path, count):
+    # net.cpp CopyTrainedLayersFrom: CHECK_EQ(target_blobs.size(), source_layer.blobs_size()),
+    # also for a file layer without blobs.
+    param = caffe_pb2.NetParameter()
+    layer = param.layer.add(name="ip1", type="InnerProduct")
+    for _ in range(count):
+        layer.blobs.add().shape.dim.extend([1])
+        layer.blobs[-1].data.append(0.0)
+    path = tmp_path / "few.caffemodel"
+    path.write_bytes(param.SerializeToString())
+    with pytest.raises(WeightsError, match=rf"few.caffemodel.*layer 'ip1'.*the file has {count}, "
+                                           r"the net expects 2"):
+        build(MLP).copy_from(str(path))
+
 def test_not_a_caffemodel_is_a_clear_error(tmp_path):
     path = tmp_path / "junk.caffemodel"
     path.write_bytes(b"this is not a protobuf \xff\xfe")
