@@ -42,10 +42,18 @@ def _constant(param, shape):
 
 def _uniform(param, shape):
     _no_sparse(param)
+    if param.min > param.max:  # math_functions.cpp caffe_rng_uniform: CHECK_LE(a, b)
+        raise CaffeError(f"the uniform filler needs min <= max, "
+                         f"got min {param.min} > max {param.max}")
     return _random.rng().uniform(param.min, param.max, size=shape)
 
 
 def _gaussian(param, shape):
+    if param.std <= 0:  # math_functions.cpp caffe_rng_gaussian: CHECK_GT(sigma, 0)
+        raise CaffeError(f"the gaussian filler needs std > 0, got {param.std}")
+    if param.sparse < -1:  # filler.hpp: CHECK_GE(sparse, -1)
+        raise CaffeError(f"the gaussian filler's sparse must be -1 (dense) or >= 0, "
+                         f"got {param.sparse}")
     values = _random.rng().normal(param.mean, param.std, size=shape)
     if param.sparse >= 0:
         # filler.hpp: each output (shape[0]) keeps an input with probability sparse / num_outputs
@@ -53,6 +61,9 @@ def _gaussian(param, shape):
             raise CaffeError("a sparse gaussian filler needs a blob with at least one axis")
         num_outputs = shape[0]
         probability = param.sparse / float(num_outputs)
+        if probability > 1:  # math_functions.cpp caffe_rng_bernoulli: CHECK_LE(p, 1)
+            raise CaffeError(f"the gaussian filler's sparse ({param.sparse}) exceeds the blob's "
+                             f"first axis ({num_outputs}): the keep probability would pass 1")
         values *= _random.rng().random(size=shape) < probability
     return values
 

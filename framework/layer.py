@@ -30,7 +30,8 @@ def register_layer(type_name, cls=None):
 
     Usable as a decorator (``@register_layer("ReLU")``) or directly
     (``register_layer("MyLayer", MyLayer)``) from user code.  Registering a
-    name twice is an error, as in Caffe's layer factory.
+    different class under a taken name is an error, as in Caffe's layer factory;
+    registering the same class again (a re-imported module) is allowed.
     """
 
     def add(layer_cls):
