@@ -10,9 +10,12 @@ view of the padded input copied once, then one ``np.matmul`` call covers every
 image and every group, in one of two GEMM layouts (per image, or batch-merged
 for small maps; see "two layouts" below).  1x1 stride-1 kernels skip im2col.
 col2im loops over the kernel offsets (kh·kw slice-adds), never over pixels.
-Pooling loops over the kernel offsets too (MAX separably in TEST).  Large
-memory-bound copies are split over the BLAS thread count (NumPy's own passes
-use one core).
+Small maps with kernels larger than 1x1 use a third, position-major column
+order (image fastest) in which im2col/col2im copy long contiguous runs.
+Pooling loops over the kernel offsets too (MAX separably in TEST; MAX over
+disjoint windows keeps its argmax as tap numbers and routes gradients by a
+bitwise select per tap).  Large memory-bound copies are split over the BLAS
+thread count (NumPy's own passes use one core).
 """
 import os
 import threading
@@ -143,13 +146,17 @@ _pool = None
 _pool_threads = None
 
 
+#: os.cpu_count() reads sysfs on every call (~15-100 µs); the core count does not change.
+_CPU_COUNT = os.cpu_count() or 1
+
+
 def copy_threads():
     """Threads for memory-bound passes: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS if set, else all cores."""
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 0:
-            return min(int(value), os.cpu_count() or 1)
-    return os.cpu_count() or 1
+            return min(int(value), _CPU_COUNT)
+    return _CPU_COUNT
 
 
 def _executor():
@@ -199,7 +206,8 @@ def _scratch(shape, dtype, slot=0):
     Reusing buffers avoids mapping fresh pages for every chunk (~20% of a
     large convolution's time).  Valid only until the next call with the same
     slot: slot 0 holds columns, 1 the transposed GEMM operand/result, 2 the
-    padded input or the col2im accumulator.
+    padded input or the col2im accumulator, 3 the position-major col2im
+    accumulator (max pooling borrows slot 0).
     """
     dtype = np.dtype(dtype)
     nbytes = _prod(shape) * dtype.itemsize
@@ -264,7 +272,8 @@ def col2im(cols, geom, out=None):
     for offset in np.ndindex(*g.kernel):
         window = tuple(slice(k * d, k * d + s * (o - 1) + 1, s)
                        for k, d, s, o in zip(offset, g.dilation, g.stride, g.out_shape))
-        xp[head + window] += c[head + offset]
+        target = xp[head + window]
+        np.add(target, c[head + offset], out=target)  # `+=` on a slice copies it back again
     if direct:
         return out
     inner = xp[head + tuple(slice(p, p + i) for p, i in zip(g.pad, g.in_shape))]
@@ -288,8 +297,11 @@ def col2im(cols, geom, out=None):
 # stages 4 and 5), where n separate GEMMs with 196 or 49 columns are inefficient,
 # and slower for large maps, where the transposes cost more than they save.
 
-#: Output maps with fewer positions than this use the batch-merged layout.
-MERGE_BELOW_OUT = 512
+#: Output maps with fewer positions than this use the batch-merged layout.  (Was 512:
+#: LeNet's conv1 on 26x26 crops, 22x22 = 484 positions, 1 -> 20 channels, batch 64,
+#: measured 0.7 ms per image-wise vs 3.3 ms merged for its backward on 2 cores: one
+#: (20 × 30976)·(30976 × 25) weight-gradient GEMM is far slower than 64 small ones.)
+MERGE_BELOW_OUT = 256
 
 
 def _use_merged(n, geom):
@@ -343,9 +355,123 @@ def col2im_batch(cols, geom, out):
     for offset in np.ndindex(*g.kernel):
         window = tuple(slice(k * d, k * d + s * (o - 1) + 1, s)
                        for k, d, s, o in zip(offset, g.dilation, g.stride, g.out_shape))
-        acc[head + window] += c[(slice(None),) + offset]
+        target = acc[head + window]
+        np.add(target, c[(slice(None),) + offset], out=target)  # `+=` on a slice copies it back again
     inner = acc[head + tuple(slice(p, p + i) for p, i in zip(g.pad, g.in_shape))]
     pcopyto(_view(out, (n, g.channels) + g.in_shape), inner.swapaxes(0, 1))
+    return out
+
+
+# -- a third layout: position-major columns ------------------------------------------------
+#
+# The batch-merged columns put the images side by side (column i·Π O + position), so
+# every im2col copy and col2im add runs along one output row only (8 elements for
+# LeNet's conv2): NumPy's per-row overhead dominates.  Nothing fixes the column
+# order (W·cols keeps it, the weight gradient contracts over all columns), so for
+# small maps the columns go position-major, image fastest (column position·n + i):
+# the input is transposed once to (C, *padded, n), and a kernel tap's slice then
+# covers out_w·n contiguous elements in im2col and col2im (LeNet's conv2 backward:
+# im2col ~6x, col2im ~3x faster).  The output and dy need one transposed copy each,
+# as in the batch-merged layout.  Same products; the input gradient sums the kernel
+# offsets in Caffe's order within each block of output rows (see PM_BLOCK_BYTES),
+# and the weight/bias gradients sum the n·O columns in another order (float
+# round-off).  The Convolution layer's forward uses it unless Winograd takes the
+# shape (conv_forward dispatches that).
+
+#: Convolutions in the batch-merged layout with kernels larger than 1x1 and at most
+#: PM_MAX_OUTPUTS outputs per group run in the position-major layout instead (forward
+#: through the layer, backward always).  The copies weigh 1/M against the GEMMs: with
+#: ResNet's and CaffeNet's 256-512 outputs the two layouts measured mixed (position-major
+#: up to 10% slower on one thread), so those stay batch-merged.
+POSITION_MAJOR = True
+PM_MAX_OUTPUTS = 128
+
+#: The weight gradient GEMM is computed transposed (colsᵀ-major, (K, M/G) result) when the
+#: outputs per group are at most this many: OpenBLAS runs (K × n·O)·(n·O × M/G) 15-25%
+#: faster than (M/G × n·O)·(n·O × K) for thin dy (LeNet's 20 and 50 outputs), and up to
+#: 50% slower for wide ones (ResNet's 512) (measured, 1 thread).
+THIN_WGRAD_OUTPUTS = 64
+
+
+def _use_position_major(n, geom, outputs):
+    """The position-major layout: batch-merged (small) maps, kernels larger than 1x1 (a 1x1
+    kernel's im2col is a plain gather, no faster in this order: measured slower), few
+    ``outputs`` per group."""
+    return (POSITION_MAJOR and _use_merged(n, geom) and geom.kernel_count > 1
+            and outputs <= PM_MAX_OUTPUTS)
+
+
+def _input_position_major(x, geom, slot=2):
+    """``x`` (n, C, *in_shape) as a zero-padded (C, *padded_shape, n) array in scratch."""
+    g = geom
+    xt = _scratch((g.channels,) + g.padded_shape + (x.shape[0],), x.dtype, slot)
+    if g.padded_shape != g.in_shape:
+        xt[...] = 0
+    inner = xt[(slice(None),) + tuple(slice(p, p + s) for p, s in zip(g.pad, g.in_shape))]
+    pcopyto(inner, np.moveaxis(x, 0, -1))
+    return xt
+
+
+#: Position-major convolutions work through the output in blocks of whole rows (first
+#: spatial axis) whose columns take at most this many bytes, so that a block's columns
+#: are still cached when the GEMM or col2im reads them (LeNet's conv2, batch 64: 2 blocks
+#: of 4 rows, measured 0.7-1.5 ms faster per training step than one 8 MB block; 2 MB
+#: blocks fell in between).
+PM_BLOCK_BYTES = 4 << 20
+
+
+def _row_blocks(geom, n, itemsize):
+    """(start, stop) output rows (first spatial axis) of each position-major block."""
+    rows = geom.out_shape[0]
+    row_bytes = geom.group * geom.col_rows * (geom.out_count // rows) * n * itemsize
+    step = max(1, PM_BLOCK_BYTES // max(1, row_bytes))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def im2col_position_major(xt, geom, out, rows=None):
+    """Columns (G, C/G·Π k, Π O·n) of ``xt`` (C, *padded_shape, n) from :func:`_input_position_major`.
+
+    Row r = c·Π k + kernel offset (Caffe's order), column position·n + image.
+    ``rows`` = (start, stop) limits them to those output rows (first spatial axis).
+    ``out``: a contiguous buffer of at least that many elements.
+    """
+    g = geom
+    n = xt.shape[-1]
+    start, stop = rows if rows is not None else (0, g.out_shape[0])
+    out_shape = (stop - start,) + g.out_shape[1:]
+    st = xt.strides
+    shape = (g.channels,) + g.kernel + out_shape + (n,)
+    strides = ((st[0],) + tuple(d * s for d, s in zip(g.dilation, st[1:-1]))
+               + tuple(k * s for k, s in zip(g.stride, st[1:-1])) + (st[-1],))
+    cols = out[:_prod(shape)]
+    pcopyto(_view(cols, shape), as_strided(xt[:, start * g.stride[0]:], shape=shape, strides=strides,
+                                           writeable=False))
+    return _view(cols, (g.group, g.col_rows, _prod(out_shape) * n))
+
+
+def _col2im_position_major_add(acc, cols, geom, rows):
+    """acc (C, *padded_shape, n) += the kernel offsets' slices of ``cols``, the columns of output
+    rows ``rows`` = (start, stop), in Caffe's col2im order.  On the calling thread: split over
+    threads, the many short adds measured no faster (GIL hand-offs)."""
+    g = geom
+    n = acc.shape[-1]
+    start, stop = rows
+    out_shape = (stop - start,) + g.out_shape[1:]
+    c = cols.reshape((g.channels,) + g.kernel + out_shape + (n,))
+    first = start * g.stride[0]
+    for offset in np.ndindex(*g.kernel):
+        window = (slice(None),) + tuple(slice(f + k * d, f + k * d + s * (o - 1) + 1, s)
+                                        for f, k, d, s, o in zip((first,) + (0,) * (len(offset) - 1), offset,
+                                                                 g.dilation, g.stride, out_shape))
+        target = acc[window]
+        np.add(target, c[(slice(None),) + offset], out=target)
+
+
+def _col2im_position_major_finish(acc, geom, out):
+    """The image part of ``acc`` (C, *padded_shape, n) transposed into ``out`` (n, C, *in_shape)."""
+    g = geom
+    inner = acc[(slice(None),) + tuple(slice(p, p + i) for p, i in zip(g.pad, g.in_shape))]
+    pcopyto(_view(out, (out.shape[0], g.channels) + g.in_shape).swapaxes(0, 1), np.moveaxis(inner, -1, 1))
     return out
 
 
@@ -377,7 +503,13 @@ def conv_forward(x, weights, geom, out, bias=None):
     ``out``, or batch-merged (G, M/G, K) @ (G, K, n·O) then transposed into
     ``out`` with the bias added in the same pass (small maps, see above).
     A 1x1 stride-1 unpadded kernel in the per-image layout needs no im2col.
+    3x3 stride-1 kernels go to Winograd F(2x2, 3x3) where
+    :func:`layers.winograd.use_winograd` says it is faster (opt-out:
+    ``layers.winograd.ENABLED = False``).
     """
+    from layers import winograd  # here, not at the top: winograd imports this module
+    if winograd.use_winograd(x, weights, geom):
+        return winograd.conv_forward(x, weights, geom, out, bias)
     n = x.shape[0]
     m = weights.shape[0]
     g = geom
@@ -395,6 +527,12 @@ def conv_forward(x, weights, geom, out, bias=None):
     else:
         _padd_bias(src, bias.reshape(m, 1), dst)
     return out
+
+
+def _row_sums(a):
+    """Sum of each row of the 2-D ``a`` as one GEMV with a ones vector (the bias gradient:
+    conv_layer.cpp's gemv per image), ~3x faster than NumPy's reduction over a strided axis."""
+    return np.matmul(a, np.ones(a.shape[1], dtype=a.dtype))
 
 
 def _transposed_dy(dy, geom):
@@ -423,7 +561,7 @@ def conv_backward(x, dy, weights, geom, dx=None, weight_grad=True, bias_grad=Fal
     if not _use_merged(n, g):
         dyv = dy.reshape(n, g.group, mg, g.out_count)
         if bias_grad:
-            bgrad = dy.reshape(n, m, g.out_count).sum(axis=(0, 2))
+            bgrad = _row_sums(dy.reshape(n * m, g.out_count)).reshape(n, m).sum(axis=0)
         if weight_grad:
             per_image = np.matmul(dyv, _columns(x, g).swapaxes(-1, -2))
             wgrad = (per_image[0] if n == 1 else per_image.sum(axis=0)).reshape(m, g.col_rows)
@@ -435,6 +573,8 @@ def conv_backward(x, dy, weights, geom, dx=None, weight_grad=True, bias_grad=Fal
             else:
                 col2im(np.matmul(wt, dyv, out=_scratch(shape, dy.dtype, 0)), g, dx)
         return wgrad, bgrad
+    if _use_position_major(n, g, mg):
+        return _conv_backward_position_major(x, dy, weights, g, dx, weight_grad, bias_grad)
     dyt = _transposed_dy(dy, g)
     if bias_grad:
         bgrad = dyt.reshape(m, -1).sum(axis=1)
@@ -449,6 +589,93 @@ def conv_backward(x, dy, weights, geom, dx=None, weight_grad=True, bias_grad=Fal
         else:
             col2im_batch(dcols, g, dx)
     return wgrad, bgrad
+
+
+def _conv_backward_position_major(x, dy, weights, geom, dx, weight_grad, bias_grad):
+    """:func:`conv_backward` with position-major columns (see above), block by block of
+    output rows: weight gradient summed over the blocks, input gradient accumulated in
+    one buffer; same returns."""
+    n, m = dy.shape[:2]
+    g = geom
+    mg = m // g.group
+    bgrad = None
+    dyt = _scratch((g.group, mg, g.out_count * n), dy.dtype, 1)
+    pcopyto(_view(dyt, (m, g.out_count, n)), np.moveaxis(dy.reshape(n, m, g.out_count), 0, -1))
+    if bias_grad:
+        bgrad = dyt.reshape(m, -1).sum(axis=1)
+    if not weight_grad and dx is None:
+        return None, bgrad
+    per_row = g.out_count // g.out_shape[0] * n
+    blocks = _row_blocks(g, n, dy.itemsize)
+    buf = _scratch((g.group * g.col_rows * per_row * max(b - a for a, b in blocks),), dy.dtype, 0)
+    xt = _input_position_major(x, g) if weight_grad else None
+    if dx is not None:
+        wt = weights.reshape(g.group, mg, g.col_rows).swapaxes(1, 2)
+        acc = _scratch((g.channels,) + g.padded_shape + (n,), dy.dtype, 3)
+        acc[...] = 0
+    thin = mg <= THIN_WGRAD_OUTPUTS
+    wsum = None
+    for start, stop in blocks:
+        dyb = dyt[:, :, start * per_row:stop * per_row]
+        if weight_grad:
+            cols = im2col_position_major(xt, g, buf, (start, stop))
+            # thin dy: the transposed product, (K, M/G) result, is the faster GEMM
+            part = np.matmul(cols, dyb.swapaxes(-1, -2)) if thin else np.matmul(dyb, cols.swapaxes(-1, -2))
+            wsum = part if wsum is None else np.add(wsum, part, out=wsum)
+        if dx is not None:
+            dcols = np.matmul(wt, dyb, out=_view(buf[:g.group * g.col_rows * dyb.shape[-1]],
+                                                 (g.group, g.col_rows, dyb.shape[-1])))
+            _col2im_position_major_add(acc, dcols, g, (start, stop))
+    if dx is not None:
+        _col2im_position_major_finish(acc, g, dx)
+    wgrad = None
+    if weight_grad:
+        wgrad = (wsum.swapaxes(-1, -2) if thin else wsum).reshape(m, g.col_rows)
+    return wgrad, bgrad
+
+
+def _forward_in_position_major(x, weights, geom):
+    """Convolution forward in the position-major layout (:func:`conv_forward_position_major`):
+    where the backward uses it and the columns outweigh the output (C/G·Π k ≥ 4·M/G: its
+    output transpose is the costlier one; LeNet's 1-channel conv1 measured 40% slower), unless
+    Winograd (dispatched inside :func:`conv_forward`) takes the shape."""
+    outputs = weights.shape[0] // geom.group
+    if not _use_position_major(x.shape[0], geom, outputs) or geom.col_rows < 4 * outputs:
+        return False
+    try:
+        from layers import winograd  # imported here: it imports this module
+    except ImportError:
+        return True
+    return not winograd.use_winograd(x, weights, geom)
+
+
+def conv_forward_position_major(x, weights, geom, out, bias=None):
+    """:func:`conv_forward` through position-major columns (see above): one GEMM per group
+    and block of output rows, then one transposed copy into ``out`` with the bias added
+    in the same pass.
+
+    Same products and sums as the batch-merged layout (a column's order does not
+    change its dot product); faster im2col for small maps.
+    """
+    n = x.shape[0]
+    m = weights.shape[0]
+    g = geom
+    per_row = g.out_count // g.out_shape[0] * n
+    blocks = _row_blocks(g, n, x.itemsize)
+    buf = _scratch((g.group * g.col_rows * per_row * max(b - a for a, b in blocks),), x.dtype, 0)
+    xt = _input_position_major(x, g)
+    w = weights.reshape(g.group, m // g.group, g.col_rows)
+    yt = _scratch((g.group, m // g.group, g.out_count * n), x.dtype, 1)
+    for start, stop in blocks:
+        np.matmul(w, im2col_position_major(xt, g, buf, (start, stop)),
+                  out=yt[:, :, start * per_row:stop * per_row])
+    src = np.moveaxis(yt.reshape(m, g.out_count, n), -1, 0)
+    dst = _view(out, (n, m, g.out_count))
+    if bias is None:
+        pcopyto(dst, src)
+    else:
+        _padd_bias(src, bias.reshape(m, 1), dst)
+    return out
 
 
 def conv_backward_data(dy, weights, geom, out):
@@ -704,7 +931,10 @@ class ConvolutionLayer(_BaseConvolution):
             y = _view(t.data, self._top_shape())
             weights, bias = self._params(x.dtype)
             for sl in self._chunk_slices(x.itemsize):
-                conv_forward(x[sl], weights, self.geom, y[sl], bias)
+                if _forward_in_position_major(x[sl], weights, self.geom):
+                    conv_forward_position_major(x[sl], weights, self.geom, y[sl], bias)
+                else:
+                    conv_forward(x[sl], weights, self.geom, y[sl], bias)
 
     def backward(self, top, propagate_down, bottom):
         want_weights, want_bias = self._param_needs()
@@ -846,7 +1076,24 @@ class PoolingKernel:
         self.pad = tuple(pad)
         self.ceil_mode = ceil_mode
         self.train = train
-        self.mask = None
+        self._mask = None
+        self._code = None  # MAX over disjoint windows: the argmax as a tap number (see mask)
+
+    @property
+    def mask(self):
+        """The argmax (MAX) or sampled (STOCHASTIC TRAIN) plane index h·W + w per output, −1 for none.
+
+        The disjoint-window MAX path keeps only the tap number per output; the
+        plane indices are derived from it when asked for (a mask top).
+        """
+        if self._mask is None and self._code is not None:
+            self._mask = self._code_to_index(self._code)
+        return self._mask
+
+    @mask.setter
+    def mask(self, value):
+        self._mask = value
+        self._code = None
 
     def output_shape(self, height, width):
         """(pooled_h, pooled_w) with Caffe's padding correction; it applies to both axes
@@ -888,6 +1135,11 @@ class PoolingKernel:
         (sh, sw), (oh, ow) = self.stride, self.out_hw
         return np.arange(oh) * sh - offset[0], np.arange(ow) * sw - offset[1]
 
+    def _disjoint_windows(self):
+        """True when no two windows overlap (pad 0, stride ≥ kernel): then every bottom element
+        feeds at most one output.  The last windows may be clipped at the image edge."""
+        return self.pad == (0, 0) and all(s >= k for s, k in zip(self.stride, self.kernel))
+
     def _tap_index(self, i, j, offset):
         """Plane index h·W + w of kernel tap (i, j) for every window, shape (out_h, out_w)."""
         hs, ws = self._window_starts(offset)
@@ -907,6 +1159,8 @@ class PoolingKernel:
     def _forward_max(self, x, out, need_mask):
         # window [start, min(start + k, H)) clipped at 0: padding is -inf and never wins;
         # an empty window keeps -FLT_MAX; fmax, like Caffe's '>', never picks a NaN
+        if need_mask and self._disjoint_windows():
+            return self._forward_max_disjoint(x, out)
         if need_mask:
             xp = self._max_planes(x, out)
             self.mask = self._argmax(xp, out)
@@ -936,27 +1190,67 @@ class PoolingKernel:
             np.fmax(out, rows[:, :, i:i + sh * (oh - 1) + 1:sh], out=out)
         return xp
 
-    def _argmax(self, xp, best):
-        """Plane index of the first tap (row-major window order) equal to the maximum, −1 if none.
+    def _code_dtype(self):
+        taps = self.kernel[0] * self.kernel[1]
+        return np.int8 if taps < 127 else np.int16 if taps < 32767 else np.int32
+
+    def _forward_max_disjoint(self, x, out):
+        """MAX with disjoint windows: fmax over the taps, then the first tap equal to it;
+        keeps the tap numbers (``_code``) for :meth:`_backward_disjoint`.
+
+        No separable pass (each tap is read once anyway); the result equals
+        :meth:`_max_planes` + :meth:`_argmax`.
+        """
+        (kh, kw), (oh, ow) = self.kernel, self.out_hw
+        n, c, h, w = x.shape
+        if self.stride == self.kernel:
+            # the windows tile an (oh·kh, ow·kw) plane: one copy splits it into kh·kw contiguous
+            # tap planes, so the 2·kh·kw passes below run on contiguous data, not strided reads
+            extent = (oh * kh, ow * kw)
+            xp = x if extent[0] <= h and extent[1] <= w else _pad_spatial(
+                x, (0, 0), (max(h, extent[0]), max(w, extent[1])), value=-np.inf)
+            tiles = _view(xp[:, :, :extent[0], :extent[1]], (n, c, oh, kh, ow, kw))
+            planes = _scratch((kh, kw) + out.shape, x.dtype, 0)  # the columns' slot: less memory touched
+            pcopyto(planes, tiles.transpose(3, 5, 0, 1, 2, 4))
+            taps = [planes[i, j] for i in range(kh) for j in range(kw)]
+        else:  # gaps between the windows: strided taps of the (-inf padded) bottom
+            xp = _pad_spatial(x, (0, 0), self._padded_hw((0, 0)), value=-np.inf)
+            taps = [xp[window] for _, _, window in self._offsets()]
+        np.fmax(taps[0], -_FLT_MAX, out=out)  # Caffe starts at -FLT_MAX; NaN never wins
+        for tap in taps[1:]:
+            np.fmax(out, tap, out=out)
+        self.mask = None
+        self._code = self._first_hit(taps, out)
+        return out
+
+    def _first_hit(self, taps, best):
+        """Per output, the number of the first tap (row-major window order) equal to ``best``, −1 if none.
 
         Caffe's strict '>' scan keeps the first maximum (pooling_layer.cpp).  Visiting the
         taps in reverse, ``code += hit·(k − code)`` leaves the first hit's tap number k
         (small-integer arithmetic: far cheaper than masked assignment).
         """
-        taps = self.kernel[0] * self.kernel[1]
-        code_dtype = np.int8 if taps < 127 else np.int16 if taps < 32767 else np.int32
+        code_dtype = self._code_dtype()
         code = np.full(best.shape, -1, dtype=code_dtype)
         step = np.empty_like(code)
-        kw = self.kernel[1]
-        for i, j, window in reversed(list(self._offsets())):
-            hit = xp[window] == best
-            np.subtract(code_dtype(i * kw + j), code, out=step)
+        hit = np.empty(best.shape, dtype=bool)
+        for k in range(len(taps) - 1, -1, -1):
+            np.equal(taps[k], best, out=hit)
+            np.subtract(code_dtype(k), code, out=step)
             np.multiply(step, hit, out=step)
-            code += step
-        width = self.in_shape[3]
+            np.add(code, step, out=code)
+        return code
+
+    def _code_to_index(self, code):
+        """Tap numbers (−1: none) as plane indices h·W + w (Caffe's mask)."""
+        width, kw = self.in_shape[3], self.kernel[1]
         taps_delta = np.array([i * width + j for i in range(self.kernel[0]) for j in range(kw)],
                               dtype=np.int64)
         return np.where(code >= 0, self._tap_index(0, 0, self.pad) + taps_delta.take(code), -1)
+
+    def _argmax(self, xp, best):
+        """Plane index of the first tap (row-major window order) equal to the maximum, −1 if none."""
+        return self._code_to_index(self._first_hit([xp[window] for _, _, window in self._offsets()], best))
 
     def max_mask(self, x):
         """Recompute the MAX argmax mask from the bottom data ``x``."""
@@ -1039,10 +1333,34 @@ class PoolingKernel:
         if self.method == _POOL.STOCHASTIC and not self.train:
             raise ValueError("stochastic pooling has no backward in the TEST phase")
         if mask is None:
-            if self.mask is None:
-                self.mask = self.max_mask(x)
+            if self._mask is None and self._code is None:
+                self.max_mask(x)
+            if (self._code is not None and dy.dtype == dx.dtype
+                    and self._padded_hw((0, 0)) == tuple(self.in_shape[2:])):
+                self._backward_disjoint(dy, dx, self._code)
+                return
+            # clipped last windows (a small edge case: LeNet's 7x7 -> 4x4 pool2 on 26x26
+            # crops) scatter; selecting into a padded plane measured slower
             mask = self.mask
         self._backward_scatter(dy, dx, mask)
+
+    def _backward_disjoint(self, dy, dx, code):
+        """dx from the tap numbers of disjoint windows: each bottom element receives at most one
+        gradient, so Caffe's ``dx = 0; dx[argmax] += dy`` is a select per tap, done on the bits
+        (dy AND an all-ones / all-zeros mask): exact, and a NaN in dy stays where it belongs.
+        The windows must lie inside the image (none clipped)."""
+        if not all(s == k and o * k == size for s, k, o, size in zip(self.stride, self.kernel,
+                                                                     self.out_hw, self.in_shape[2:])):
+            dx[...] = 0  # gaps between the windows or rows/columns past the last one
+        bits = np.dtype(f"u{dy.itemsize}")
+        hit = np.empty(code.shape, dtype=bool)
+        select = np.empty(code.shape, dtype=bits)
+        dy_bits = dy.view(bits)
+        kw = self.kernel[1]
+        for i, j, window in self._offsets():
+            np.equal(code, i * kw + j, out=hit)
+            np.negative(hit.view(np.uint8), out=select, dtype=bits, casting="unsafe")
+            np.bitwise_and(dy_bits, select, out=dx[window].view(bits))
 
     def _backward_scatter(self, dy, dx, mask):
         """dx[index] += dy for each pooled output (MAX argmax / STOCHASTIC sample)."""

@@ -912,11 +912,19 @@ def ref_conv2d_grads(x, w, dy, stride=(1, 1), pad=(0, 0), dil=(1, 1), group=1):
     return dw, dy.sum(axis=(0, 2, 3)), dx
 
 
-@pytest.fixture(params=["per_image", "merged"])
+@pytest.fixture(params=["per_image", "merged", "position_major", "position_major_wide"])
 def conv_layout(request, monkeypatch):
-    """Force one GEMM layout, small chunks and threaded copies of any size."""
+    """Force one GEMM layout, small chunks and threaded copies of any size.
+
+    position_major: batch-merged maps with kernels > 1x1 in the position-major layout
+    (1x1 kernels stay batch-merged), one output row per block; _wide: its weight gradient
+    as the untransposed GEMM, all rows in one block.
+    """
     from layers import vision
     monkeypatch.setattr(vision, "MERGE_BELOW_OUT", 0 if request.param == "per_image" else 10 ** 9)
+    monkeypatch.setattr(vision, "POSITION_MAJOR", request.param.startswith("position_major"))
+    monkeypatch.setattr(vision, "THIN_WGRAD_OUTPUTS", 0 if request.param.endswith("_wide") else 64)
+    monkeypatch.setattr(vision, "PM_BLOCK_BYTES", 1 if request.param == "position_major" else 1 << 30)
     monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     return request.param
@@ -964,6 +972,81 @@ def test_conv_layouts_float32_agree(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("block_bytes, blocks", [(1 << 30, 1), (3 << 18, 3)])
+def test_lenet_conv2_position_major_float32_matches_batch_merged(monkeypatch, block_bytes, blocks):
+    """LeNet's conv2 (20 -> 50, 5x5 on 12x12, batch 16) takes the position-major path in
+    forward and backward, in one block or three of output rows; float32 results equal the
+    batch-merged layout's up to round-off (BLAS may order a GEMM's sums by its shape)."""
+    from layers import vision
+    monkeypatch.setattr(vision, "PM_BLOCK_BYTES", block_bytes)  # 3/4 MiB: 3 rows (256 KiB each)
+    calls = []
+    for name in ("im2col_position_major", "_col2im_position_major_add"):
+        original = getattr(vision, name)
+        monkeypatch.setattr(vision, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    x = rand(16, 20, 12, 12, seed=12).astype(np.float32)
+    dy = rand(16, 50, 8, 8, seed=13).astype(np.float32)
+    results = {}
+    for position_major in (True, False):
+        monkeypatch.setattr(vision, "POSITION_MAJOR", position_major)
+        frandom.set_random_seed(14)
+        layer, bottom, top = run(conv_text(f"num_output: 50 kernel_size: 5 {gaussian(0.1)}"), x,
+                                 dtype=np.float32)
+        top[0].diff[...] = dy
+        layer.backward(top, [True], bottom)
+        results[position_major] = (top[0].data.copy(), layer.blobs[0].diff.copy(),
+                                   layer.blobs[1].diff.copy(), bottom[0].diff.copy())
+    # forward, then backward (weight gradient and input gradient block by block)
+    assert calls == (["im2col_position_major"] * blocks
+                     + ["im2col_position_major", "_col2im_position_major_add"] * blocks)
+    for a, b in zip(results[True][:3], results[False][:3]):
+        assert a.dtype == np.float32
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * np.abs(b).max())
+    np.testing.assert_allclose(results[True][3], results[False][3], rtol=1e-5, atol=1e-6)
+    w = layer.blobs[0].data.astype(np.float64)
+    dw, db, dx = ref_conv2d_grads(x.astype(np.float64), w, dy.astype(np.float64))
+    np.testing.assert_allclose(results[True][1], dw, rtol=1e-4, atol=1e-4 * np.abs(dw).max())
+    np.testing.assert_allclose(results[True][3], dx, rtol=1e-4, atol=1e-4 * np.abs(dx).max())
+
+
+def test_position_major_forward_only_where_the_columns_outweigh_the_output(monkeypatch):
+    """A 1-channel 5x5 convolution (25 column rows for 20 outputs) keeps the batch-merged
+    forward (its transposed output would cost more); its backward is position-major."""
+    from layers import vision
+    calls = []
+    original = vision.im2col_position_major
+    monkeypatch.setattr(vision, "im2col_position_major", lambda *a: calls.append(1) or original(*a))
+    x = rand(4, 1, 12, 12, seed=15)
+    layer, bottom, top = run(conv_text(f"num_output: 20 kernel_size: 5 {gaussian()}"), x)
+    assert calls == []
+    w, b = layer.blobs[0].data.astype(np.float64), layer.blobs[1].data.astype(np.float64)
+    np.testing.assert_allclose(top[0].data, ref_conv2d(x, w, b), rtol=1e-10, atol=1e-10)
+    dy = rand(*top[0].shape, seed=16)
+    top[0].diff[...] = dy
+    layer.backward(top, [True], bottom)
+    assert calls == [1]  # one block
+    dw, db, dx = ref_conv2d_grads(x, w, dy)
+    np.testing.assert_allclose(layer.blobs[0].diff, dw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(bottom[0].diff, dx, rtol=1e-10, atol=1e-10)
+
+
+def test_wide_convolutions_stay_batch_merged(monkeypatch):
+    """More than PM_MAX_OUTPUTS outputs per group: the GEMMs dominate, no position-major path."""
+    from layers import vision
+    calls = []
+    original = vision.im2col_position_major
+    monkeypatch.setattr(vision, "im2col_position_major", lambda *a: calls.append(1) or original(*a))
+    monkeypatch.setattr(vision, "PM_MAX_OUTPUTS", 3)
+    x = rand(2, 2, 5, 5, seed=17)
+    layer, bottom, top = run(conv_text(f"num_output: 4 kernel_size: 3 {gaussian()}"), x)
+    top[0].diff[...] = rand(*top[0].shape, seed=18)
+    layer.backward(top, [True], bottom)
+    assert calls == []
+    monkeypatch.setattr(vision, "PM_MAX_OUTPUTS", 4)
+    layer.forward(bottom, top)
+    layer.backward(top, [True], bottom)
+    assert calls == [1, 1]
+
+
 def test_conv_backward_honours_param_propagate_down():
     x = rand(2, 3, 5, 5, seed=7)
     layer, bottom, top = run(conv_text(f"num_output: 2 kernel_size: 3 {gaussian()}"), x)
@@ -997,6 +1080,60 @@ def test_parallel_copy_splits_along_the_first_axis(monkeypatch):
     assert one.sum() == 4
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     assert vision.copy_threads() == 1
+
+
+def ref_pool_backward(dy, mask, shape):
+    """Caffe's MAX backward loop: dx = 0; dx[mask] += dy (mask −1: nothing)."""
+    dx = np.zeros(shape)
+    for index in np.ndindex(*dy.shape):
+        if mask[index] >= 0:
+            h, w = divmod(int(mask[index]), shape[3])
+            dx[index[0], index[1], h, w] += dy[index]
+    return dx
+
+
+@pytest.mark.parametrize("params, k, s, shape", [
+    ("kernel_size: 2 stride: 2", (2, 2), (2, 2), (2, 3, 6, 8)),      # LeNet's pooling: tiles the plane
+    ("kernel_size: 2 stride: 2", (2, 2), (2, 2), (2, 3, 7, 5)),      # last windows clipped (CEIL)
+    ("kernel_size: 2 stride: 3", (2, 2), (3, 3), (1, 2, 8, 8)),      # gaps between the windows
+    ("kernel_size: 2 stride: 3", (2, 2), (3, 3), (1, 2, 8, 7)),      # gaps, last column clipped
+    ("kernel_h: 3 kernel_w: 1 stride_h: 3 stride_w: 2", (3, 1), (3, 2), (2, 2, 7, 6)),
+    ("kernel_size: 2 stride: 2 round_mode: FLOOR", (2, 2), (2, 2), (1, 2, 5, 5)),  # rows past the last window
+    ("kernel_size: 1 stride: 3", (1, 1), (3, 3), (2, 2, 5, 5)),       # the last windows lie past the image
+])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_pooling_disjoint_windows_match_caffe_loops(params, k, s, shape, dtype):
+    """Non-overlapping MAX windows keep the argmax as tap numbers and select the gradient per
+    tap: top, mask and bottom gradient equal Caffe's loops exactly (ties go to the first tap,
+    NaN never wins, an all -inf window keeps -FLT_MAX with no argmax)."""
+    x = rand(*shape, seed=21)
+    x[0, 0, 0:2, 0:2] = 0.25  # a tie over a whole window
+    x[0, -1, 0, 0] = np.nan
+    x[-1, 0, -2:, -2:] = -np.inf
+    x = x.astype(dtype)
+    ceil = "FLOOR" not in params
+    layer, bottom, top = run(pool_text(f"pool: MAX {params}"), x, dtype=dtype)
+    assert layer.pool._code is not None  # the disjoint-window path
+    ref, mask = ref_pool(x.astype(np.float64), "MAX", k, s, (0, 0), ceil)
+    np.testing.assert_array_equal(top[0].data, ref.astype(dtype))
+    np.testing.assert_array_equal(layer.pool.mask, mask)
+    dy = rand(*top[0].shape, seed=22).astype(dtype)
+    dy[0, 0, 0, 0] = np.nan  # stays on its argmax only
+    top[0].diff[...] = dy
+    bottom[0].diff[...] = 7  # overwritten, not accumulated
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, ref_pool_backward(dy.astype(np.float64), mask, shape))
+    # a mask top holds the plane indices, and backward then reads it (the scatter path)
+    layer2, bottom2, top2 = run(pool_text(f"pool: MAX {params}"), x, ntop=2, dtype=dtype)
+    np.testing.assert_array_equal(top2[1].data, mask)
+    top2[0].diff[...] = dy
+    layer2.backward(top2, [True], bottom2)
+    np.testing.assert_array_equal(bottom2[0].diff, bottom[0].diff)
+
+
+def test_max_pooling_disjoint_windows_gradient():
+    layer = layer_from_text(pool_text("pool: MAX kernel_size: 2 stride: 2"))
+    check_gradient(layer, [make_blob(distinct(2, 2, 5, 4, seed=23))], [Blob()])
 
 
 @pytest.mark.parametrize("params, k, s, p", [

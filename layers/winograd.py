@@ -1,0 +1,342 @@
+"""Winograd F(2x2, 3x3) convolution forward (Lavin & Gray, "Fast Algorithms for
+Convolutional Neural Networks", 2016).
+
+Each 2x2 block of outputs is computed from a 4x4 tile d of the padded input
+(tiles overlap by 2) and the 3x3 filter g as
+
+    Y = Aᵀ [ (G g Gᵀ) ⊙ (Bᵀ d B) ] A
+
+with Bᵀ (4x4), G (4x3), Aᵀ (2x4) below: 16 multiplications per output block
+and channel instead of 36, i.e. 2.25x fewer GEMM flops than im2col.  Summed
+over the channels, the 16 elementwise products become 16 GEMMs
+U[p] (K x C) · V[p] (C x tiles), one ``np.matmul`` over the stack (per group).
+
+Steps of :func:`conv_forward` (2-D, 3x3 kernel, stride 1, dilation 1, any pad,
+any group count, float32 or float64):
+
+* input transform Bᵀ d B into V (16, n, th, tw, C), channels last: per block
+  of tile rows, one transposing copy of the input into a zero-padded buffer
+  split by row/column parity, then 8 + 16 slab adds (tile-column then
+  tile-row neighbours are whole slabs apart), no per-tile loop.
+* filter transform G g Gᵀ: one (K·C/G, 9) x (9, 16) product in float64,
+  rounded once, cached per weight array (see "Filter cache").
+* 16 GEMMs (one ``np.matmul`` over the stack, per group):
+  M[p] (tiles, K) = V[p] (tiles, C) · U[p]ᵀ, the images side by side.
+* output transform Aᵀ M A in place in M (24 slab adds), then one transposing
+  copy per output parity into y[..., a::2, b::2], which also crops the
+  partial tiles of odd sizes.  The bias is added to M at position (1, 1),
+  which Aᵀ·A spreads to the four outputs of the tile with weight 1.
+Both transforms run over blocks of about ``BLOCK_BYTES`` and are split over
+the copy threads of :mod:`layers.vision`; V, M and the block buffers are
+that module's reusable scratch arrays.
+
+Accuracy: the transforms' coefficients are 0, ±1 and ±1/2 and the tile is
+the smallest one, so F(2x2, 3x3) is about as accurate as the direct sum
+(larger tiles, F(4x4, 3x3) and up, lose digits quickly).  Measured (float32,
+N(0, 1) inputs, He-initialised weights, pad 1, relative error
+max|y − y64| / max|y64| against a float64 reference), C = 16..1024 at the
+ResNet-50 map sizes: im2col 4.3e-7..6.3e-7, Winograd 2.2e-7..7.1e-7, between
+0.45x and 1.55x the im2col path's error.  The tests assert
+error ≤ ``ERROR_BOUND`` = 2e-6 and ≤ 4x the im2col error on the same problem.
+
+Opt-out: ``layers.winograd.ENABLED = False`` (or the environment variable
+``CAFFE_NUMPY_WINOGRAD=0`` — also "false", "no", "off" — read at import)
+sends every convolution forward through the im2col + GEMM path, Caffe's own
+formulation and summation order, e.g. to compare with Caffe to the last bits.
+Backward passes always use im2col.
+
+Filter cache: solvers update the weights in place, so the array identity
+alone cannot tell stale weights.  Each cache entry keeps a copy of the weights
+it was computed from and is used only if ``np.array_equal(copy, weights)``;
+the comparison reads the weights twice (~0.6 ms for 512x512x3x3 float32,
+against ~20 ms to redo the transform), and is exact, unlike a checksum.  A
+weight array's entry disappears with the array (weak reference).  Memory: the
+copy plus the transformed filter are 25/9 of the 3x3 weights (≈125 MB for
+ResNet-50); :func:`clear_cache` frees it.
+"""
+import os
+import threading
+import weakref
+
+import numpy as np
+
+from layers import vision as _vision
+from layers.vision import _scratch, _split_apply, _view
+
+#: Use the Winograd path where :func:`use_winograd` allows it.  Set to False
+#: (or CAFFE_NUMPY_WINOGRAD=0 in the environment) for Caffe's exact im2col path.
+ENABLED = os.environ.get("CAFFE_NUMPY_WINOGRAD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+#: Relative error bound (max |y − y_ref| / max |y_ref|, float32) the tests assert.
+ERROR_BOUND = 2e-6
+
+#: Bytes of V (input transform) or M (output transform) per block: some tile
+#: rows of one image, or several whole images.
+BLOCK_BYTES = 4 << 20
+
+#: Transforms over at least this many bytes (of V or M) are split over the copy
+#: threads of layers.vision; below it the hand-offs cost more than they save
+#: (measured on 2 cores: 3 MB loses 40%, 6 MB gains 15%, 25 MB gains 30%).
+SPLIT_MIN_BYTES = 6 << 20
+
+#: Dispatch rule (see use_winograd): at least this many input and output
+#: channels per group ...
+MIN_CHANNELS = 64
+#: ... and this many tiles per GEMM, n·⌈Ho/2⌉·⌈Wo/2⌉.
+MIN_TILES = 48
+
+
+# Lavin & Gray's F(2x2, 3x3) matrices.  The transforms below are hand-expanded
+# adds of these rows (the tests check them against the matrices).
+BT = np.array([[1, 0, -1, 0],
+                [0, 1, 1, 0],
+                [0, -1, 1, 0],
+                [0, 1, 0, -1]], dtype=np.float64)
+G = np.array([[1, 0, 0],
+               [0.5, 0.5, 0.5],
+               [0.5, -0.5, 0.5],
+               [0, 0, 1]], dtype=np.float64)
+AT = np.array([[1, 1, 1, 0],
+                [0, 1, -1, -1]], dtype=np.float64)
+#: (G ⊗ G): row 4i+j maps a flattened 3x3 filter to position (i, j) of G g Gᵀ.
+_GG = np.kron(G, G)
+
+
+def supports(x, weights, geom):
+    """True if the convolution can run as F(2x2, 3x3): 2-D, 3x3, stride 1, dilation 1, float32/64."""
+    return (len(geom.kernel) == 2 and geom.kernel == (3, 3) and geom.stride == (1, 1)
+            and geom.dilation == (1, 1) and x.dtype in (np.float32, np.float64)
+            and weights.dtype == x.dtype)
+
+
+def use_winograd(x, weights, geom):
+    """Dispatch rule of the Convolution forward: ENABLED, supported, and measured to be faster.
+
+    Measured against the im2col path on this 2-core machine (ResNet-50's 3x3
+    shapes, batches 1, 2, 4, 8; 1 and 2 threads): Winograd is faster from
+    about 48 tiles per GEMM; below that (7x7 maps at batch 1-2) the GEMMs are
+    bound by reading the transformed weights, 16/9 the size of the
+    originals, and it is up to 1.8x slower.  With fewer than 64 channels per
+    group the results were mixed (16-32 channels: 0.9x-1.3x), so those keep
+    im2col.
+    """
+    if not ENABLED or not supports(x, weights, geom):
+        return False
+    if geom.channels // geom.group < MIN_CHANNELS or weights.shape[0] // geom.group < MIN_CHANNELS:
+        return False
+    ho, wo = geom.out_shape
+    return x.shape[0] * ((ho + 1) // 2) * ((wo + 1) // 2) >= MIN_TILES
+
+
+# -- filter transform and its cache -------------------------------------------------
+
+def filter_transform(weights, group, dtype=None):
+    """The transformed filters U = G g Gᵀ, laid out for the GEMMs: (16, groups, C/G, K/G).
+
+    Axis 0 is the position p = 4i + j in the 4x4 transformed tile; each
+    (C/G, K/G) matrix is U[p] transposed.  ``weights`` (K, C/G, 3, 3).
+    Computed in float64 and rounded once to ``dtype`` (default the weights').
+    """
+    k, cg = weights.shape[:2]
+    dtype = weights.dtype if dtype is None else np.dtype(dtype)
+    u = weights.reshape(k * cg, 9).astype(np.float64) @ _GG.T  # (K·C/G, 16)
+    return np.ascontiguousarray(u.T.reshape(16, group, k // group, cg).swapaxes(2, 3), dtype=dtype)
+
+
+_cache = {}
+_cache_lock = threading.Lock()
+
+
+def clear_cache():
+    """Drop every cached transformed filter."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def _forget(key):
+    """Weak-reference callback: drop the entry of a weight array that no longer exists."""
+    def callback(ref):
+        with _cache_lock:
+            if key in _cache and _cache[key][0] is ref:
+                del _cache[key]
+    return callback
+
+
+def cached_filter_transform(weights, group):
+    """:func:`filter_transform` of ``weights``, reused while the array and its values are unchanged."""
+    key = (id(weights), group)
+    entry = _cache.get(key)
+    if entry is not None:
+        ref, copy, u = entry
+        if ref() is weights and copy.shape == weights.shape and copy.dtype == weights.dtype \
+                and np.array_equal(copy, weights):
+            return u
+    u = filter_transform(weights, group)
+    try:
+        ref = weakref.ref(weights, _forget(key))
+    except TypeError:  # not weak-referenceable: do not cache
+        return u
+    with _cache_lock:
+        _cache[key] = (ref, weights.copy(), u)
+    return u
+
+
+# -- input and output transforms ----------------------------------------------------
+#
+# Layouts: V (16, n, th, tw, C) and M (16, n, th, tw, K) have the channels
+# last, so a step of the input transform is an add of two slabs one tile row
+# or one tile column apart (contiguous runs of tw·C or C elements; NumPy is
+# ~10x slower on the stride-2 element access of a channels-first layout), and
+# the output transform, which combines the 16 planes of a tile without
+# shifts, runs over whole contiguous slabs.  The GEMMs are then plain
+# row-major V[p] (tiles, C) · Uᵀ[p] (C, K), the fastest orientation measured
+# for 64 channels.  The two transposes this costs are single copies per
+# block: the input into the zero-padded, parity-split buffer the transform
+# reads, and each output parity plane into y[..., a::2, b::2].
+
+def _bt(i, d0, d1, d2, d3, out):
+    """Row i of Bᵀ applied to (d0, d1, d2, d3): d0 − d2, d1 + d2, d2 − d1, d1 − d3."""
+    if i == 0:
+        np.subtract(d0, d2, out=out)
+    elif i == 1:
+        np.add(d1, d2, out=out)
+    elif i == 2:
+        np.subtract(d2, d1, out=out)
+    else:
+        np.subtract(d1, d3, out=out)
+
+
+def _parity_span(first, count, parity, pad, size):
+    """Range [lo, hi) of t in [0, count) whose source 2·(first + t) + parity − pad is in [0, size).
+
+    Returns (lo, hi, source index of lo).
+    """
+    offset = 2 * first + parity - pad  # source index of t = 0
+    lo = min(count, max(0, -(offset // 2)))
+    hi = max(lo, min(count, (size - offset + 1) // 2))
+    return lo, hi, offset + 2 * lo
+
+
+def _threads(nbytes):
+    """Copy threads for a transform over ``nbytes`` of V or M (1 below SPLIT_MIN_BYTES)."""
+    return _vision.copy_threads() if nbytes >= SPLIT_MIN_BYTES else 1
+
+
+def _blocks(n, th, per_row_bytes, threads):
+    """Blocks (image slice, first tile row, end tile row) of about BLOCK_BYTES, at least one per thread.
+
+    ``per_row_bytes``: bytes of one image's tile row.  A block is some tile
+    rows of one image, or whole images.  Large blocks keep NumPy's per-call
+    overhead (and the GIL) small against the work; small ones stay in cache.
+    """
+    total = n * th * per_row_bytes
+    rows = max(1, min(BLOCK_BYTES, total // threads) // per_row_bytes)
+    if rows >= th:
+        images = max(1, rows // th)
+        return [(slice(i, min(n, i + images)), 0, th) for i in range(0, n, images)]
+    parts = -(-th // rows)
+    bounds = [th * p // parts for p in range(parts + 1)]
+    return [(slice(i, i + 1), bounds[p], bounds[p + 1]) for i in range(n) for p in range(parts)]
+
+
+def _over_blocks(func, n, th, per_row_bytes):
+    """Run ``func(images, ty0, ty1)`` over the blocks, split over the copy threads when large."""
+    nbytes = n * th * per_row_bytes
+    threads = _threads(nbytes)
+    blocks = _blocks(n, th, per_row_bytes, threads)
+    if threads == 1:
+        for block in blocks:
+            func(*block)
+        return
+
+    def part(indices):
+        for i in indices:
+            func(*blocks[i])
+
+    _split_apply(part, (np.arange(len(blocks)),), nbytes)
+
+
+def _input_transform(x, pad, v, images, ty0, ty1):
+    """V[p, images, ty0:ty1] = Bᵀ d B for those tiles; x (n, C, H, W), v (16, n, th, tw, C)."""
+    _, c, h, w = x.shape
+    tw = v.shape[3]
+    ph, pw = pad
+    xs = x[images]
+    nb, tb = xs.shape[0], ty1 - ty0
+    # xq[pr, pc, i, a, b] = padded input at row 2·(ty0 + a) + pr, column 2·b + pc (channels last)
+    xq = _scratch((2, 2, nb, tb + 1, tw + 1, c), x.dtype, "winograd-in")
+    xq.fill(0)  # the padding; one contiguous fill costs less than 16 strided border fills
+    for pr in (0, 1):
+        lo, hi, r0 = _parity_span(ty0, tb + 1, pr, ph, h)
+        for pc in (0, 1):
+            blo, bhi, c0 = _parity_span(0, tw + 1, pc, pw, w)
+            if hi > lo and bhi > blo:
+                src = xs[:, :, r0:r0 + 2 * (hi - lo) - 1:2, c0:c0 + 2 * (bhi - blo) - 1:2]
+                np.copyto(xq[pr, pc, :, lo:hi, blo:bhi], src.transpose(0, 2, 3, 1))
+    # columns first, as 8 strided slab ops; then the 16 row combinations read
+    # whole contiguous slabs (tap r is cols[r % 2] shifted by r // 2 tile rows)
+    cols = _scratch((2, 4, nb, tb + 1, tw, c), x.dtype, "winograd-cols")
+    for pr in (0, 1):  # tap s of a tile row is xq[., s % 2] shifted by s // 2 tile columns
+        e0, e1 = xq[pr]
+        for j in range(4):
+            _bt(j, e0[..., :tw, :], e1[..., :tw, :], e0[..., 1:, :], e1[..., 1:, :], cols[pr, j])
+    for i in range(4):
+        for j in range(4):
+            d0, d1 = cols[0, j], cols[1, j]
+            _bt(i, d0[:, :tb], d1[:, :tb], d0[:, 1:], d1[:, 1:], v[4 * i + j, images, ty0:ty1])
+
+
+def _output_transform(m, y, bias, images, ty0, ty1):
+    """y = Aᵀ M A (+ bias) for the tiles of images × tile rows [ty0, ty1).
+
+    m (16, n, th, tw, K) is overwritten there; y (n, K, Ho, Wo).
+    """
+    mb = m[:, images, ty0:ty1]
+    if bias is not None:
+        # Aᵀ e₁₁ A is the all-ones 2x2 block: the bias enters once, at position (1, 1)
+        mb[5] += bias
+    # rows of Aᵀ: P(0, j) = M0j + M1j + M2j into M0j, P(1, j) = M1j − M3j − M2j into M3j
+    for j in range(4):
+        m0, m1, m2, m3 = mb[j], mb[4 + j], mb[8 + j], mb[12 + j]
+        m0 += m1
+        m0 += m2
+        np.subtract(m1, m3, out=m3)
+        m3 -= m2
+    # columns: Y(a, 0) = Pa0 + Pa1 + Pa2 into Pa0, Y(a, 1) = Pa1 − Pa3 − Pa2 into Pa3
+    ho = y.shape[2]
+    for a, base in ((0, 0), (1, 12)):
+        p0, p1, p2, p3 = mb[base], mb[base + 1], mb[base + 2], mb[base + 3]
+        p0 += p1
+        p0 += p2
+        np.subtract(p1, p3, out=p3)
+        p3 -= p2
+        for b, plane in ((0, p0), (1, p3)):
+            dst = y[images, :, 2 * ty0 + a:min(ho, 2 * ty1):2, b::2]  # crops the partial tiles
+            np.copyto(dst, plane[:, :dst.shape[2], :dst.shape[3]].transpose(0, 3, 1, 2))
+
+
+def conv_forward(x, weights, geom, out, bias=None):
+    """Convolution forward by Winograd F(2x2, 3x3): out (n, K, Ho, Wo) = W ⋆ x (+ bias).
+
+    x (n, C, H, W); weights (K, C/G, 3, 3); bias (K,) or None; ``geom`` a
+    :class:`layers.vision.ConvGeometry` with stride 1, dilation 1 (any pad).
+    Same contract as :func:`layers.vision.conv_forward`.
+    """
+    n, c = x.shape[:2]
+    k = weights.shape[0]
+    g = geom.group
+    ho, wo = geom.out_shape
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    tiles = n * th * tw
+    u = cached_filter_transform(weights, g)
+    if u.dtype != x.dtype:
+        u = u.astype(x.dtype)
+    v = _scratch((16, n, th, tw, c), x.dtype, "winograd-v")
+    _over_blocks(lambda *block: _input_transform(x, geom.pad, v, *block), n, th, 16 * tw * c * x.itemsize)
+    m = _scratch((16, n, th, tw, k), x.dtype, "winograd-m")
+    # per group: M[p] (tiles, K/G) = V[p] (tiles, C/G) · U[p]ᵀ (C/G, K/G), rows of C and K elements
+    np.matmul(_view(v, (16, tiles, g, c // g)).swapaxes(1, 2), u,
+              out=_view(m, (16, tiles, g, k // g)).swapaxes(1, 2))
+    y = _view(out, (n, k, ho, wo))
+    _over_blocks(lambda *block: _output_transform(m, y, bias, *block), n, th, 16 * tw * k * x.itemsize)
+    return out
