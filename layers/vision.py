@@ -17,9 +17,7 @@ disjoint windows keeps its argmax as tap numbers and routes gradients by a
 bitwise select per tap).  Large memory-bound copies are split over the BLAS
 thread count (NumPy's own passes use one core).
 """
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -28,6 +26,7 @@ from framework.blob import Blob
 from framework.fillers import fill
 from framework.layer import Layer, register_layer
 from framework import random as _random
+from layers.parallel import pcopyto, split_apply as _split_apply
 from proto import caffe_pb2
 
 #: Upper bound (bytes) of a convolution's work buffers (columns + transposed
@@ -131,66 +130,7 @@ def _pad_spatial(x, pad, padded_shape, value=0):
     return xp
 
 
-# -- parallel memory-bound copies -----------------------------------------------
-#
-# NumPy's copies and ufuncs run on one core; BLAS uses all of them.  The big
-# memory-bound passes of the convolutions (im2col, the transposed output) and
-# of pooling are split along their first axis over a few threads (NumPy
-# releases the GIL inside them), which halves their time on two cores.
-
-#: Arrays smaller than this (bytes) are copied on the calling thread alone.
-PARALLEL_MIN_BYTES = 1 << 20
-
-_pool_lock = threading.Lock()
-_pool = None
-_pool_threads = None
-
-
-#: os.cpu_count() reads sysfs on every call (~15-100 µs); the core count does not change.
-_CPU_COUNT = os.cpu_count() or 1
-
-
-def copy_threads():
-    """Threads for memory-bound passes: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS if set, else all cores."""
-    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return min(int(value), _CPU_COUNT)
-    return _CPU_COUNT
-
-
-def _executor():
-    global _pool, _pool_threads
-    threads = copy_threads()
-    with _pool_lock:
-        if _pool is None or _pool_threads != threads:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="vision-copy")
-            _pool_threads = threads
-        return _pool, threads
-
-
-def _split_apply(func, arrays, nbytes):
-    """Run ``func(*parts)`` on slices of ``arrays`` along axis 0, in parallel when large enough."""
-    rows = arrays[0].shape[0] if arrays[0].ndim else 0
-    threads = copy_threads() if nbytes >= PARALLEL_MIN_BYTES and rows > 1 else 1
-    if threads <= 1:
-        func(*arrays)
-        return
-    pool, threads = _executor()
-    parts = min(threads, rows)
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    futures = [pool.submit(func, *(a[bounds[i]:bounds[i + 1]] for a in arrays)) for i in range(1, parts)]
-    func(*(a[bounds[0]:bounds[1]] for a in arrays))
-    for f in futures:
-        f.result()
-
-
-def pcopyto(dst, src):
-    """``np.copyto(dst, src)`` (same shapes) split over threads along axis 0."""
-    _split_apply(np.copyto, (dst, src), dst.nbytes)
-
+# -- parallel memory-bound copies: see layers/parallel.py ------------------------
 
 def _padd_bias(src, bias, dst):
     """dst = src + bias (bias broadcast over dst's trailing axes), split over threads along axis 0."""

@@ -60,8 +60,9 @@ import weakref
 
 import numpy as np
 
-from layers import vision as _vision
-from layers.vision import _scratch, _split_apply, _view
+from layers import parallel
+from layers.parallel import split_apply as _split_apply
+from layers.vision import _scratch, _view
 
 #: Use the Winograd path where :func:`use_winograd` allows it.  Set to False
 #: (or CAFFE_NUMPY_WINOGRAD=0 in the environment) for Caffe's exact im2col path.
@@ -219,7 +220,7 @@ def _parity_span(first, count, parity, pad, size):
 
 def _threads(nbytes):
     """Copy threads for a transform over ``nbytes`` of V or M (1 below SPLIT_MIN_BYTES)."""
-    return _vision.copy_threads() if nbytes >= SPLIT_MIN_BYTES else 1
+    return parallel.copy_threads() if nbytes >= SPLIT_MIN_BYTES else 1
 
 
 def _blocks(n, th, per_row_bytes, threads):

@@ -13,6 +13,7 @@ from framework import random as frandom
 from framework.blob import Blob
 from framework.errors import LayerError
 from gradient_check import check_gradient, layer_from_text, make_blob
+from layers import parallel
 
 FLT_MAX = float(np.finfo(np.float32).max)
 FLT_MIN = float(np.finfo(np.float32).tiny)
@@ -925,7 +926,7 @@ def conv_layout(request, monkeypatch):
     monkeypatch.setattr(vision, "POSITION_MAJOR", request.param.startswith("position_major"))
     monkeypatch.setattr(vision, "THIN_WGRAD_OUTPUTS", 0 if request.param.endswith("_wide") else 64)
     monkeypatch.setattr(vision, "PM_BLOCK_BYTES", 1 if request.param == "position_major" else 1 << 30)
-    monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     return request.param
 
@@ -1068,18 +1069,18 @@ def test_deconv_uses_both_layouts(conv_layout):
 
 def test_parallel_copy_splits_along_the_first_axis(monkeypatch):
     from layers import vision
-    monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
-    assert vision.copy_threads() == min(3, __import__("os").cpu_count())
+    assert parallel.copy_threads() == min(3, __import__("os").cpu_count())
     src = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
     dst = np.empty((7, 5, 3), dtype=np.float32)
-    vision.pcopyto(dst, src.swapaxes(0, 1))
+    parallel.pcopyto(dst, src.swapaxes(0, 1))
     np.testing.assert_array_equal(dst, src.swapaxes(0, 1))
     one = np.empty((1, 4), dtype=np.float32)
-    vision.pcopyto(one, np.ones((1, 4), dtype=np.float32))  # a single row: no split
+    parallel.pcopyto(one, np.ones((1, 4), dtype=np.float32))  # a single row: no split
     assert one.sum() == 4
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
-    assert vision.copy_threads() == 1
+    assert parallel.copy_threads() == 1
 
 
 def ref_pool_backward(dy, mask, shape):
@@ -1144,7 +1145,7 @@ def test_max_pooling_disjoint_windows_gradient():
 def test_test_phase_max_pooling_threaded_matches_loops(monkeypatch, params, k, s, p):
     """TEST phase without a mask top takes the separable, plane-split path."""
     from layers import vision
-    monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     x = rand(3, 5, 9, 8, seed=9)
     x[0, 0, 0, :] = np.nan  # fmax: NaN never wins (Caffe's '>')

@@ -15,7 +15,7 @@ import pytest
 
 from framework.blob import Blob
 from gradient_check import check_gradient, layer_from_text, make_blob
-from layers import vision, winograd
+from layers import parallel, vision, winograd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,8 +119,8 @@ def test_winograd_matches_float64_reference(n, c, k, h, w, pad, group, bias):
 def test_blocks_and_threads_match(monkeypatch, block_bytes, threads, blocks):
     monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(winograd, "SPLIT_MIN_BYTES", 0)
-    monkeypatch.setattr(vision, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(vision, "copy_threads", lambda: threads)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "copy_threads", lambda: threads)
     assert len(winograd._blocks(6, 5, 16 * 4 * 5 * 8, winograd._threads(1))) == blocks
     x, weights, b = problem(6, 5, 4, 9, 7, seed=4)
     np.testing.assert_allclose(run_winograd(x, weights, b, 1), ref_conv3x3(x, weights, b, 1),

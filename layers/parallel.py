@@ -1,0 +1,73 @@
+"""Memory-bound NumPy passes split over threads.
+
+NumPy's copies and ufuncs run on one core; BLAS uses all of them.  Large
+element-wise passes (im2col, transposed copies, bias adds, normalisation,
+activations) are split along their first axis over a few threads: NumPy
+releases the GIL inside each pass, so on two cores they take about half the
+time.  The thread count follows the BLAS setting (``OPENBLAS_NUM_THREADS`` /
+``OMP_NUM_THREADS``, else all cores), so ``--threads 1`` keeps everything on
+one core.
+"""
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+#: Arrays smaller than this (bytes) are processed on the calling thread alone:
+#: handing a pass to another thread costs ~10-20 µs.
+PARALLEL_MIN_BYTES = 1 << 20
+
+#: os.cpu_count() reads sysfs on every call (~15-100 µs); the core count does not change.
+_CPU_COUNT = os.cpu_count() or 1
+
+_pool_lock = threading.Lock()
+_pool = None
+_pool_threads = None
+
+
+def copy_threads():
+    """Threads for memory-bound passes: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS if set, else all cores."""
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return min(int(value), _CPU_COUNT)
+    return _CPU_COUNT
+
+
+def executor():
+    """The shared pool (``copy_threads() - 1`` workers; the caller is the last) and the thread count."""
+    global _pool, _pool_threads
+    threads = copy_threads()
+    with _pool_lock:
+        if _pool is None or _pool_threads != threads:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool = ThreadPoolExecutor(max(1, threads - 1), thread_name_prefix="numpy-pass")
+            _pool_threads = threads
+        return _pool, threads
+
+
+def split_apply(func, arrays, nbytes):
+    """Run ``func(*parts)`` on slices of ``arrays`` along axis 0, in parallel when ``nbytes`` is large.
+
+    Each part is a view, so ``func`` writes its results through ``out=`` into
+    the caller's arrays; parts never overlap.
+    """
+    rows = arrays[0].shape[0] if arrays[0].ndim else 0
+    threads = copy_threads() if nbytes >= PARALLEL_MIN_BYTES and rows > 1 else 1
+    if threads <= 1:
+        func(*arrays)
+        return
+    pool, threads = executor()
+    parts = min(threads, rows)
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    futures = [pool.submit(func, *(a[bounds[i]:bounds[i + 1]] for a in arrays)) for i in range(1, parts)]
+    func(*(a[bounds[0]:bounds[1]] for a in arrays))
+    for f in futures:
+        f.result()
+
+
+def pcopyto(dst, src):
+    """``np.copyto(dst, src)`` (same shapes) split over threads along axis 0."""
+    split_apply(np.copyto, (dst, src), dst.nbytes)
