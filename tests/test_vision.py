@@ -1132,6 +1132,49 @@ def test_max_pooling_disjoint_windows_match_caffe_loops(params, k, s, shape, dty
     np.testing.assert_array_equal(bottom2[0].diff, bottom[0].diff)
 
 
+def ref_pool_backward_in(dy, mask, shape):
+    """Caffe's MAX backward loop accumulated in dy's dtype, in its output order."""
+    dx = np.zeros(shape, dtype=dy.dtype)
+    for index in np.ndindex(*dy.shape):
+        if mask[index] >= 0:
+            h, w = divmod(int(mask[index]), shape[3])
+            dx[index[0], index[1], h, w] += dy[index]
+    return dx
+
+
+@pytest.mark.parametrize("params, k, s, p, shape", [
+    ("kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0), (2, 3, 11, 9)),       # ResNet's pool1, CEIL clipped
+    ("kernel_size: 3 stride: 2 pad: 1", (3, 3), (2, 2), (1, 1), (1, 2, 8, 7)),  # padded
+    ("kernel_size: 3 stride: 1", (3, 3), (1, 1), (0, 0), (2, 2, 6, 6)),         # nine windows per element
+    ("kernel_h: 3 kernel_w: 2 stride_h: 2 stride_w: 1", (3, 2), (2, 1), (0, 0), (1, 3, 7, 6)),
+])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("threaded", [False, True])
+def test_max_pooling_overlapping_windows_match_caffe_loops(monkeypatch, params, k, s, p, shape, dtype,
+                                                           threaded):
+    """Overlapping MAX windows (TRAIN) keep the first maximal tap's number per output and route
+    the gradient tap by tap: top, mask and the bottom gradient equal Caffe's loops bit for bit
+    (each element sums its windows in Caffe's order), also split over threads."""
+    if threaded:
+        monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    x = rand(*shape, seed=23)
+    x[0, 0, 0:3, 0:3] = 0.5  # ties across overlapping windows
+    x[0, -1, 1, 1] = np.nan
+    x = x.astype(dtype)
+    layer, bottom, top = run(pool_text(f"pool: MAX {params}"), x, dtype=dtype)
+    assert layer.pool._code is not None and not layer.pool._disjoint_windows()
+    ref, mask = ref_pool(x.astype(np.float64), "MAX", k, s, p)
+    np.testing.assert_array_equal(top[0].data, ref.astype(dtype))
+    np.testing.assert_array_equal(layer.pool.mask, mask)
+    dy = rand(*top[0].shape, seed=24).astype(dtype)
+    dy[-1, 0, 0, 0] = np.inf  # stays on its argmax only
+    top[0].diff[...] = dy
+    bottom[0].diff[...] = 7  # overwritten, not accumulated
+    layer.backward(top, [True], bottom)
+    np.testing.assert_array_equal(bottom[0].diff, ref_pool_backward_in(dy, mask, shape))
+
+
 def test_max_pooling_disjoint_windows_gradient():
     layer = layer_from_text(pool_text("pool: MAX kernel_size: 2 stride: 2"))
     check_gradient(layer, [make_blob(distinct(2, 2, 5, 4, seed=23))], [Blob()])
