@@ -27,8 +27,8 @@ any group count, float32 or float64):
   partial tiles of odd sizes.  The bias is added to M at position (1, 1),
   which Aᵀ·A spreads to the four outputs of the tile with weight 1.
 Both transforms run over blocks of about ``BLOCK_BYTES`` and are split over
-the copy threads of :mod:`layers.vision`; V, M and the block buffers are
-that module's reusable scratch arrays.
+the threads of :mod:`layers.parallel`; V, M and the block buffers are
+:mod:`layers.vision`'s reusable scratch arrays.
 
 Accuracy: the transforms' coefficients are 0, ±1 and ±1/2 and the tile is
 the smallest one, so F(2x2, 3x3) is about as accurate as the direct sum
