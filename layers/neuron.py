@@ -72,7 +72,8 @@ class ReLULayer(NeuronLayer):
     """y = max(x, 0) + negative_slope * min(x, 0)  (relu_param.negative_slope, default 0).
 
     Backward (relu_layer.cpp): dx = dy * ((x > 0) + negative_slope * (x <= 0));
-    the gradient at x == 0 is negative_slope.
+    the gradient at x == 0 is negative_slope.  It overrides ``backward`` to write
+    into the bottom diff directly.
     """
 
     def setup(self, bottom, top):
@@ -89,11 +90,20 @@ class ReLULayer(NeuronLayer):
         else:
             np.add(np.maximum(x, 0), _scalar(slope, x) * np.minimum(x, 0), out=y)
 
-    def backward_array(self, x, y, dy):
+    def backward(self, top, propagate_down, bottom):
+        if not propagate_down[0]:
+            return
+        x = self._saved_input if self._saved_input is not None else bottom[0].data
+        dy, dx = top[0].diff, bottom[0].diff
         positive = x > 0
-        if self.negative_slope == 0:
-            return dy * positive
-        return dy * np.where(positive, 1, _scalar(self.negative_slope, dy)).astype(dy.dtype)
+        # written straight into the bottom diff (no temporary, no copy); in place, dx is dy
+        # and each element is read before it is overwritten
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if self.negative_slope == 0:
+                np.multiply(dy, positive, out=dx)
+            else:
+                np.multiply(dy, np.where(positive, 1, _scalar(self.negative_slope, dy)).astype(dy.dtype),
+                            out=dx)
 
 
 @register_layer("PReLU")

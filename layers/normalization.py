@@ -65,6 +65,7 @@ class BatchNormLayer(Layer):
                 raise self.error(f"stored statistics blobs have {counts} values; "
                                  f"{self.channels} channels need {[e[0] for e in expected]}")
         self._mask_statistics_from_learning()
+        self._x_norm = None  # normalised output kept for the batch-statistics backward
 
     def _mask_statistics_from_learning(self):
         """batch_norm_layer.cpp: statistics get lr_mult 0; a non-zero lr_mult is an error."""
@@ -103,8 +104,12 @@ class BatchNormLayer(Layer):
         y3 /= std[:, None]
         # batch_norm_layer.cpp caches x_norm, as later in-place layers may clobber the top;
         # only the batch-statistics backward reads it.
-        need_x_norm = self.backward_needed and not self.use_global_stats
-        self._x_norm = y3.copy() if need_x_norm else None
+        if self.backward_needed and not self.use_global_stats:
+            if self._x_norm is None or self._x_norm.shape != y3.shape or self._x_norm.dtype != dtype:
+                self._x_norm = np.empty_like(y3)
+            np.copyto(self._x_norm, y3)  # reused between passes: no fresh pages to fault in
+        else:
+            self._x_norm = None
         self._std = std
 
     def _global_stats(self, dtype):
@@ -131,16 +136,21 @@ class BatchNormLayer(Layer):
         if not propagate_down[0]:
             return
         dy3 = _channel_view(top[0].diff, self.channels)
+        dx3 = _channel_view(bottom[0].diff, self.channels)
         std = self._std[:, None]
         if self.use_global_stats:
-            dx3 = dy3 / std
-        else:
-            y3 = self._x_norm
-            inv_m = dy3.dtype.type(1.0 / (dy3.size // self.channels))
-            mean_dy = dy3.sum(axis=(0, 2)) * inv_m
-            mean_dy_y = np.einsum("ncs,ncs->c", dy3, y3) * inv_m
-            dx3 = (dy3 - mean_dy[:, None] - y3 * mean_dy_y[:, None]) / std
-        bottom[0].diff[...] = dx3.reshape(bottom[0].shape)
+            np.divide(dy3, std, out=dx3)
+            return
+        y3 = self._x_norm
+        inv_m = dy3.dtype.type(1.0 / (dy3.size // self.channels))
+        mean_dy = dy3.sum(axis=(0, 2)) * inv_m
+        mean_dy_y = np.einsum("ncs,ncs->c", dy3, y3) * inv_m
+        # (dy - mean_dy - y * mean_dy_y) / std, in the same order, written into dx; in place
+        # dx is dy, which the statistics above have already read
+        y_term = y3 * mean_dy_y[:, None]
+        np.subtract(dy3, mean_dy[:, None], out=dx3)
+        dx3 -= y_term
+        dx3 /= std
 
 
 # ---------------------------------------------------------------------------
@@ -392,6 +402,7 @@ class ScaleLayer(Layer):
                 beta = Blob(_param_shape(self, bottom[0], p.axis, num_axes, "bias"))
                 fill(beta, p.bias_filler)  # unset FillerParameter: constant 0
                 self.blobs.append(beta)
+        self._x = None  # the input, kept for dgamma when running in place
         expected = (1 if len(bottom) == 1 else 0) + (1 if self.bias_term else 0)
         if len(self.blobs) != expected:
             raise self.error(f"expected {expected} parameter blob(s) for {len(bottom)} bottom(s) and "
@@ -410,7 +421,12 @@ class ScaleLayer(Layer):
     def forward(self, bottom, top):
         x = bottom[0].data
         outer, dim, inner = self._dims
-        self._x = x.copy() if top[0] is bottom[0] and self.backward_needed else None
+        if top[0] is bottom[0] and self.backward_needed:
+            if self._x is None or self._x.shape != x.shape or self._x.dtype != x.dtype:
+                self._x = np.empty_like(x)
+            np.copyto(self._x, x)  # reused between passes: no fresh pages to fault in
+        else:
+            self._x = None
         gamma = self._gamma(bottom).data.astype(x.dtype, copy=False).reshape(1, dim, 1)
         y3 = top[0].data.reshape(outer, dim, inner)
         np.multiply(x.reshape(outer, dim, inner), gamma, out=y3)
@@ -441,7 +457,8 @@ class ScaleLayer(Layer):
                 gamma.diff[...] += grad
         if propagate_down[0]:
             g = gamma.data.astype(dy.dtype, copy=False).reshape(1, dim, 1)
-            bottom[0].diff[...] = (dy3 * g).reshape(bottom[0].shape)
+            # in place, dx is dy, read above for the parameter gradients
+            np.multiply(dy3, g, out=bottom[0].diff.reshape(outer, dim, inner))
 
 
 @register_layer("Bias")

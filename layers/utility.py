@@ -565,8 +565,13 @@ class EltwiseLayer(Layer):
             for x in xs[2:]:
                 y *= x
         elif self.op == ELTWISE_SUM:
-            np.multiply(xs[0], self.coeffs[0], out=y)
-            for c, x in zip(self.coeffs[1:], xs[1:]):
+            if self.coeffs[0] == 1 and self.coeffs[1] == 1:
+                np.add(xs[0], xs[1], out=y)  # x * 1 == x exactly: one pass fewer
+                start = 2
+            else:
+                np.multiply(xs[0], self.coeffs[0], out=y)
+                start = 1
+            for c, x in zip(self.coeffs[start:], xs[start:]):
                 if c == 1:
                     y += x
                 else:

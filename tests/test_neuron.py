@@ -452,3 +452,33 @@ def test_one_bottom_one_top(type_name):
     layer = layer_from_text(f'name: "n" type: "{type_name}"')
     with pytest.raises(LayerError):
         layer.setup_layer([make_blob(inputs()), make_blob(inputs())], [Blob(())])
+
+
+# ---------------------------------------------------------------- ReLU against loops
+def relu_references(x, dy, slope):
+    """Forward and backward of ReLU by scalar loops (relu_layer.cpp, gradient slope at 0)."""
+    y = reference(lambda v: v if v > 0 else slope * v, x)
+    dx = np.empty_like(y)
+    for index, value in np.ndenumerate(x):
+        dx[index] = float(dy[index]) * (1.0 if value > 0 else slope)
+    return y, dx
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("slope", [0.0, 0.1, -0.5])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (1, 7, 3, 5), (2, 3), (7,)])
+def test_relu_odd_shapes_in_place_and_dtypes_match_reference(shape, slope, in_place, dtype):
+    """Forward and backward (written straight into the bottom diff) against scalar loops."""
+    x = inputs(shape, seed=8).astype(dtype)
+    x.reshape(-1)[::5] = 0  # the kink: gradient is negative_slope
+    dy = inputs(shape, seed=9).astype(dtype)
+    layer, bottom, top = run(f'type: "ReLU" relu_param {{ negative_slope: {slope} }}', x,
+                             in_place=in_place, dtype=dtype)
+    y_ref, dx_ref = relu_references(x, dy, f32(slope))
+    assert top.data.dtype == dtype
+    tol = 1e-6 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(top.data, y_ref, rtol=tol, atol=tol)
+    top.diff[...] = dy
+    layer.backward([top], [True], [bottom])
+    np.testing.assert_allclose(bottom.diff, dx_ref, rtol=tol, atol=tol)

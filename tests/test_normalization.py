@@ -709,3 +709,143 @@ def test_no_backward_caches_without_backward(tmp_path, global_stats):
     forced.backward()
     assert np.isfinite(forced.blobs["data"].diff).all()
     assert np.abs(forced.params["scale"][0].diff).sum() > 0
+
+
+# ---------------------------------------------------------------------------
+# Odd shapes, batch 1, in place, float32/float64 against the slow references
+# ---------------------------------------------------------------------------
+
+def bn_backward_reference(x, dy, eps):
+    """Batch-statistics BatchNorm dx by per-channel loops over float64 values."""
+    x = np.asarray(x, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    channels = 1 if x.ndim == 1 else x.shape[1]
+    x3, dy3 = x.reshape(x.shape[0], channels, -1), dy.reshape(x.shape[0], channels, -1)
+    y3 = bn_reference(x, eps).reshape(x3.shape)
+    dx3 = np.empty_like(x3)
+    for c in range(channels):
+        std = math.sqrt(x3[:, c].var() + eps)
+        mean_dy = dy3[:, c].mean()
+        mean_dy_y = (dy3[:, c] * y3[:, c]).mean()
+        dx3[:, c] = (dy3[:, c] - mean_dy - mean_dy_y * y3[:, c]) / std
+    return dx3.reshape(x.shape)
+
+
+ODD_SHAPES = [(3, 5, 4, 3), (5, 4, 3), (1, 7, 5, 3), (2, 5, 3, 3), (7, 2)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+def test_batchnorm_batch_stats_odd_shapes_match_reference(shape, in_place, dtype):
+    x = inputs(shape, seed=11) * 2 + 0.5
+    dy = inputs(shape, seed=12)
+    layer = layer_from_text('type: "BatchNorm"', TRAIN)
+    bottom = make_blob(x, dtype)
+    top = bottom if in_place else Blob((), dtype=dtype)
+    layer.setup_layer([bottom], [top])
+    layer.forward([bottom], [top])
+    tol = 2e-5 if dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(top.data, bn_reference(x.astype(dtype), f32(1e-5)), rtol=tol, atol=tol)
+    channels = 1 if len(shape) == 1 else shape[1]
+    m = x.size // channels
+    mean = x.reshape(shape[0], channels, -1).mean(axis=(0, 2))
+    var = x.reshape(shape[0], channels, -1).var(axis=(0, 2))
+    np.testing.assert_allclose(layer.blobs[0].data, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.blobs[1].data, var * m / (m - 1), rtol=1e-5)
+    top.data[...] = -99.0  # a later in-place layer clobbers the top; backward uses its own copy
+    top.diff[...] = dy
+    layer.backward([top], [True], [bottom])
+    expected = bn_backward_reference(x.astype(dtype), dy.astype(dtype), f32(1e-5))
+    np.testing.assert_allclose(bottom.diff, expected, rtol=50 * tol, atol=50 * tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (1, 5, 3, 7)])
+def test_batchnorm_global_stats_odd_shapes_match_reference(shape, in_place, dtype):
+    x = inputs(shape, seed=13)
+    dy = inputs(shape, seed=14)
+    layer = layer_from_text('type: "BatchNorm"', TEST)
+    bottom = make_blob(x, dtype)
+    top = bottom if in_place else Blob((), dtype=dtype)
+    layer.setup_layer([bottom], [top])
+    m_sum, v_sum = np.linspace(-1, 1, 5), np.linspace(0.5, 3, 5)
+    layer.blobs[0].data[...] = m_sum
+    layer.blobs[1].data[...] = v_sum
+    layer.blobs[2].data[...] = 2.0
+    layer.forward([bottom], [top])
+    mean, var = np.float32(m_sum) / 2, np.float32(v_sum) / 2
+    tol = 2e-6 if dtype == np.float32 else 1e-7  # the statistics are stored as float32
+    np.testing.assert_allclose(top.data, bn_reference(x.astype(dtype), f32(1e-5), mean, var),
+                               rtol=tol, atol=tol)
+    top.diff[...] = dy
+    layer.backward([top], [True], [bottom])
+    std = np.sqrt(var.astype(np.float64) + f32(1e-5)).reshape(1, 5, 1, 1)
+    np.testing.assert_allclose(bottom.diff, dy.astype(dtype) / std, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("params,shape,axis,gamma_shape", [
+    ("", (3, 5, 4, 3), 1, (5,)),
+    ("", (1, 7, 3, 5), 1, (7,)),
+    ("", (2, 5, 3), 1, (5,)),
+    ("axis: 0 num_axes: -1", (3, 4, 2), 0, (3, 4, 2)),
+    ("num_axes: 0", (1, 3, 5), 0, ()),
+    ("axis: 2 num_axes: 2", (2, 3, 4, 5), 2, (4, 5)),
+])
+def test_scale_odd_shapes_match_reference(params, shape, axis, gamma_shape, in_place, dtype):
+    x, dy = inputs(shape, seed=15), inputs(shape, seed=16)
+    gamma, beta = inputs(gamma_shape, seed=17), inputs(gamma_shape, seed=18)
+    layer = layer_from_text(f'type: "Scale" scale_param {{ {params} bias_term: true }}')
+    bottom = make_blob(x, dtype)
+    top = bottom if in_place else Blob((), dtype=dtype)
+    layer.setup_layer([bottom], [top])
+    for blob, value in zip(layer.blobs, (gamma, beta)):
+        blob.set_dtype(dtype)
+        blob.data[...] = value
+    layer.forward([bottom], [top])
+    xd, gd, bd = (np.asarray(v, dtype=dtype).astype(np.float64) for v in (x, gamma, beta))
+    expected = broadcast_reference(broadcast_reference(xd, gd, axis, multiply), bd, axis, add)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(top.data, expected, rtol=tol, atol=tol)
+    top.diff[...] = dy
+    layer.backward([top], [True], [bottom])
+    dyd = np.asarray(dy, dtype=dtype).astype(np.float64)
+    np.testing.assert_allclose(bottom.diff, broadcast_reference(dyd, gd, axis, multiply),
+                               rtol=tol, atol=tol)
+    d_gamma, d_beta = np.zeros(gamma_shape), np.zeros(gamma_shape)
+    for index, g in np.ndenumerate(dyd):
+        d_gamma[index[axis:axis + len(gamma_shape)]] += g * xd[index]
+        d_beta[index[axis:axis + len(gamma_shape)]] += g
+    np.testing.assert_allclose(layer.blobs[0].diff, d_gamma, rtol=20 * tol, atol=20 * tol)
+    np.testing.assert_allclose(layer.blobs[1].diff, d_beta, rtol=20 * tol, atol=20 * tol)
+
+
+def test_kept_buffers_follow_a_batch_change():
+    """BatchNorm's x_norm and in-place Scale's saved input are reused between passes and
+    must be reallocated when the batch changes."""
+    bn = layer_from_text('type: "BatchNorm"', TRAIN)
+    scale = layer_from_text('type: "Scale" scale_param { filler { type: "constant" value: 2 } }')
+    blob = make_blob(inputs((2, 3, 2, 2), seed=22))
+    bn.setup_layer([blob], [blob])
+    scale.setup_layer([blob], [blob])
+    scale.blobs[0].set_dtype(np.float64)
+    scale.blobs[0].data[...] = 2.0
+    for batch in (2, 3, 1):
+        x, dy = inputs((batch, 3, 2, 2), seed=23 + batch), inputs((batch, 3, 2, 2), seed=30 + batch)
+        blob.reshape(x.shape)
+        blob.data[...] = x
+        for layer in (bn, scale):
+            layer.reshape([blob], [blob])
+            layer.forward([blob], [blob])
+        np.testing.assert_allclose(blob.data, 2 * bn_reference(x, f32(1e-5)), rtol=1e-10, atol=1e-12)
+        blob.diff[...] = dy
+        scale.blobs[0].diff[...] = 0
+        scale.backward([blob], [True], [blob])
+        np.testing.assert_allclose(scale.blobs[0].diff, [(dy[:, c] * bn_reference(x, f32(1e-5))[:, c]).sum()
+                                                         for c in range(3)], rtol=1e-10)
+        bn.backward([blob], [True], [blob])
+        np.testing.assert_allclose(blob.diff, bn_backward_reference(x, 2 * dy, f32(1e-5)),
+                                   rtol=1e-9, atol=1e-12)

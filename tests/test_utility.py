@@ -1,5 +1,6 @@
 """Tests for layers/utility.py: forward against slow references, backward with check_gradient."""
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -621,3 +622,88 @@ def test_frozen_params_get_no_gradient():
     np.testing.assert_array_equal(layer.blobs[0].diff, 0)
     np.testing.assert_array_equal(layer.blobs[1].diff, [3, 3])
     np.testing.assert_allclose(bottom[0].diff, np.ones((3, 2)) @ layer.blobs[0].data)
+
+
+# ----------------------------------------------------------------------------- Eltwise / Split against loops
+
+def eltwise_reference(op, xs, coeffs):
+    """(y, winner) element by element: SUM/PROD left to right; MAX with Caffe's tie rule."""
+    flat = [np.asarray(x, dtype=np.float64).reshape(-1) for x in xs]
+    y = np.empty_like(flat[0])
+    winner = np.zeros(y.shape, dtype=int)
+    for k in range(y.size):
+        values = [f[k] for f in flat]
+        if op == "SUM":
+            y[k] = sum(c * v for c, v in zip(coeffs, values))
+        elif op == "PROD":
+            y[k] = math.prod(values)
+        else:
+            best, winner[k] = (values[0], 0) if values[0] > values[1] else (values[1], 1)
+            for i, v in enumerate(values[2:], 2):
+                if v > best:
+                    best, winner[k] = v, i
+            y[k] = best
+    return y.reshape(xs[0].shape), winner.reshape(xs[0].shape)
+
+
+ELTWISE_CASES = [
+    ("SUM", ""), ("SUM", "coeff: 1 coeff: -0.5 coeff: 2"), ("PROD", ""),
+    ("PROD", "stable_prod_grad: false"), ("MAX", ""),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (1, 7, 3, 5), (5,)])
+@pytest.mark.parametrize("op,extra", ELTWISE_CASES)
+def test_eltwise_odd_shapes_and_dtypes_match_reference(op, extra, shape, dtype):
+    xs = [rand(*shape, seed=30 + i) for i in range(3)]
+    xs[1].reshape(-1)[::4] = xs[0].reshape(-1)[::4]  # MAX ties between the first two bottoms
+    dy = rand(*shape, seed=40)
+    layer = layer_from_text(f'type: "Eltwise" eltwise_param {{ operation: {op} {extra} }}')
+    bottom = [make_blob(x, dtype) for x in xs]
+    top = [Blob((), dtype=dtype)]
+    layer.setup_layer(bottom, top)
+    layer.forward(bottom, top)
+    cast = [x.astype(dtype) for x in xs]
+    coeffs = [float(np.float32(c)) for c in extra.split()[1::2]] if "coeff" in extra else [1.0] * 3
+    y, winner = eltwise_reference(op, cast, coeffs)
+    tol = 2e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(top[0].data, y, rtol=tol, atol=tol)
+    top[0].diff[...] = dy
+    layer.backward(top, [True] * 3, bottom)
+    for i, b in enumerate(bottom):
+        if op == "SUM":
+            expected = coeffs[i] * dy.astype(dtype)
+        elif op == "PROD":
+            expected = math.prod(c for j, c in enumerate(cast) if j != i) * dy.astype(dtype)
+        else:
+            expected = np.where(winner == i, dy.astype(dtype), 0)
+        np.testing.assert_allclose(b.diff, expected, rtol=10 * tol, atol=10 * tol)
+
+
+@pytest.mark.parametrize("op,extra", ELTWISE_CASES)
+def test_eltwise_gradient_all_ops(op, extra):
+    xs = [rand(3, 2, 3, seed=50 + i) + (2.0 if op == "PROD" else 0.0) for i in range(3)]
+    check_gradient(layer_from_text(f'type: "Eltwise" eltwise_param {{ operation: {op} {extra} }}'),
+                   [make_blob(x) for x in xs], [Blob()])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("ntop", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(3, 5, 4, 3), (1, 7, 3, 5), (5,)])
+def test_split_sums_diffs_odd_shapes_and_dtypes(shape, ntop, dtype):
+    layer = layer_from_text('type: "Split"')
+    bottom = [make_blob(rand(*shape), dtype)]
+    top = [Blob((), dtype=dtype) for _ in range(ntop)]
+    layer.setup_layer(bottom, top)
+    layer.forward(bottom, top)
+    diffs = [rand(*shape, seed=60 + i).astype(dtype) for i in range(ntop)]
+    for t, d in zip(top, diffs):
+        t.diff[...] = d
+    layer.backward(top, [True], bottom)
+    expected = np.zeros(shape)
+    for d in diffs:
+        expected += d
+    tol = 1e-6 if dtype == np.float32 else 1e-15
+    np.testing.assert_allclose(bottom[0].diff, expected, rtol=tol, atol=tol)
+    check_gradient(layer_from_text('type: "Split"'), [make_blob(rand(*shape))], [Blob() for _ in range(ntop)])
