@@ -460,12 +460,17 @@ def conv_forward(x, weights, geom, out, bias=None):
             _add_bias_inplace(_view(out, (n, m, g.out_count)), bias)
         return out
     yt = np.matmul(w, _columns_batch(x, g), out=_scratch((g.group, m // g.group, n * g.out_count), x.dtype, 1))
-    src = yt.reshape(m, n, g.out_count).swapaxes(0, 1)
-    dst = _view(out, (n, m, g.out_count))
+    return _store_output(yt.reshape(m, n, g.out_count).swapaxes(0, 1), bias, out)
+
+
+def _store_output(src, bias, out):
+    """Copy ``src`` (n, M, Π O), a transposed view of a GEMM result, into ``out`` (n, M, *O),
+    adding ``bias`` (M,) in the same pass if given; split over threads."""
+    dst = _view(out, src.shape)
     if bias is None:
         pcopyto(dst, src)
     else:
-        _padd_bias(src, bias.reshape(m, 1), dst)
+        _padd_bias(src, bias.reshape(-1, 1), dst)
     return out
 
 
@@ -582,10 +587,7 @@ def _forward_in_position_major(x, weights, geom):
     outputs = weights.shape[0] // geom.group
     if not _use_position_major(x.shape[0], geom, outputs) or geom.col_rows < 4 * outputs:
         return False
-    try:
-        from layers import winograd  # imported here: it imports this module
-    except ImportError:
-        return True
+    from layers import winograd  # imported here: it imports this module
     return not winograd.use_winograd(x, weights, geom)
 
 
@@ -609,13 +611,7 @@ def conv_forward_position_major(x, weights, geom, out, bias=None):
     for start, stop in blocks:
         np.matmul(w, im2col_position_major(xt, g, buf, (start, stop)),
                   out=yt[:, :, start * per_row:stop * per_row])
-    src = np.moveaxis(yt.reshape(m, g.out_count, n), -1, 0)
-    dst = _view(out, (n, m, g.out_count))
-    if bias is None:
-        pcopyto(dst, src)
-    else:
-        _padd_bias(src, bias.reshape(m, 1), dst)
-    return out
+    return _store_output(np.moveaxis(yt.reshape(m, g.out_count, n), -1, 0), bias, out)
 
 
 def conv_backward_data(dy, weights, geom, out):

@@ -1083,9 +1083,10 @@ def test_parallel_copy_splits_along_the_first_axis(monkeypatch):
     assert parallel.copy_threads() == 1
 
 
-def ref_pool_backward(dy, mask, shape):
-    """Caffe's MAX backward loop: dx = 0; dx[mask] += dy (mask −1: nothing)."""
-    dx = np.zeros(shape)
+def ref_pool_backward(dy, mask, shape, dtype=np.float64):
+    """Caffe's MAX backward loop: dx = 0; dx[mask] += dy (mask −1: nothing), in output order,
+    accumulated in ``dtype``."""
+    dx = np.zeros(shape, dtype=dtype)
     for index in np.ndindex(*dy.shape):
         if mask[index] >= 0:
             h, w = divmod(int(mask[index]), shape[3])
@@ -1132,16 +1133,6 @@ def test_max_pooling_disjoint_windows_match_caffe_loops(params, k, s, shape, dty
     np.testing.assert_array_equal(bottom2[0].diff, bottom[0].diff)
 
 
-def ref_pool_backward_in(dy, mask, shape):
-    """Caffe's MAX backward loop accumulated in dy's dtype, in its output order."""
-    dx = np.zeros(shape, dtype=dy.dtype)
-    for index in np.ndindex(*dy.shape):
-        if mask[index] >= 0:
-            h, w = divmod(int(mask[index]), shape[3])
-            dx[index[0], index[1], h, w] += dy[index]
-    return dx
-
-
 @pytest.mark.parametrize("params, k, s, p, shape", [
     ("kernel_size: 3 stride: 2", (3, 3), (2, 2), (0, 0), (2, 3, 11, 9)),       # ResNet's pool1, CEIL clipped
     ("kernel_size: 3 stride: 2 pad: 1", (3, 3), (2, 2), (1, 1), (1, 2, 8, 7)),  # padded
@@ -1172,7 +1163,7 @@ def test_max_pooling_overlapping_windows_match_caffe_loops(monkeypatch, params, 
     top[0].diff[...] = dy
     bottom[0].diff[...] = 7  # overwritten, not accumulated
     layer.backward(top, [True], bottom)
-    np.testing.assert_array_equal(bottom[0].diff, ref_pool_backward_in(dy, mask, shape))
+    np.testing.assert_array_equal(bottom[0].diff, ref_pool_backward(dy, mask, shape, dtype=dy.dtype))
 
 
 def test_max_pooling_disjoint_windows_gradient():
