@@ -37,7 +37,7 @@ def _fixture(name):
 
 def test_there_are_model_files_to_parse():
     files = _prototxts()
-    assert len(files) >= 50
+    assert len(files) >= 50, f"expected the shared Caffe model files under {MODELS}"
     assert sum(map(_is_solver, files)) >= 15
 
 
