@@ -8,12 +8,11 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 
-def pytest_report_header(config):
-    """Say up front whether the Caffe-written fixtures and model files are where the tests expect them."""
-    if os.path.isdir(SHARED):
-        return f"shared Caffe files: {SHARED}"
-    return (f"shared Caffe files: NOT FOUND at {SHARED}; the interop and model-file tests will fail "
-            f"(clone the project beside ../shared)")
+def pytest_terminal_summary(terminalreporter):
+    """Name the cause once at the end when the shared Caffe files are missing (many tests need them)."""
+    if not os.path.isdir(SHARED):
+        terminalreporter.write_line(f"shared Caffe files NOT FOUND at {SHARED}: the interop and model-file "
+                                    f"tests need the project cloned beside ../shared", red=True)
 
 
 @pytest.fixture
