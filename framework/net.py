@@ -14,6 +14,7 @@ from proto import caffe_pb2
 
 from . import io as caffe_io
 from .blob import Blob
+from .buffers import BufferPool
 from .errors import CaffeError, NetError, WeightsError
 from .layer import create_layer
 from .net_passes import filter_net, insert_splits
@@ -197,10 +198,28 @@ class Net:
             for j, name in enumerate(names):
                 if layer.loss(j):
                     self.output_loss_weights[name] = self.output_loss_weights.get(name, 0.0) + layer.loss(j)
+        self._relu_folds = self._plan_relu_folds()
         self._collect_params()
         self.params = OrderedDict((name, layer.blobs) for name, layer in zip(self.layer_names, self.layers)
                                   if layer.blobs)
         log.info("Network initialization done.")
+
+    def _plan_relu_folds(self):
+        """{producer index: ReLU index} for each plain in-place ReLU that the layer just before
+        it can apply in its own forward (``Layer.folds_relu``): the ReLU reads and writes that
+        layer's only top, has slope 0 and no loss weight.  Exact: the same max(x, 0)."""
+        from layers.neuron import ReLULayer  # the layers import the framework, not the reverse
+
+        folds = {}
+        for i in range(1, len(self.layers)):
+            relu, producer = self.layers[i], self.layers[i - 1]
+            names = self._top_name_lists[i]
+            if (type(relu) is ReLULayer and relu.negative_slope == 0 and not any(relu.loss_weights)
+                    and self._bottom_name_lists[i] == names and len(names) == 1
+                    and self._top_name_lists[i - 1] == names and producer.folds_relu
+                    and producer.can_fold_relu() and not any(producer.loss_weights)):
+                folds[i - 1] = i
+        return folds
 
     def _prune_backward(self, force_backward):
         """Drop backward where nothing below a loss needs it (net.cpp's second pass)."""
@@ -282,20 +301,28 @@ class Net:
         """Run layers start..end inclusive; return the weighted loss of those layers."""
         release = self._release_plan(end) if self.memory_saving else None
         loss = 0.0
+        folded_relu = None  # index of a ReLU applied by the layer before it (_plan_relu_folds)
         for i in range(start, end + 1):
             layer, bottoms, tops = self.layers[i], self._bottoms[i], self._tops[i]
             layer.reshape(bottoms, tops)
             if release is not None:
                 for top in tops:
                     if _is_released(top):
-                        top.data = np.empty(top.shape, dtype=top.dtype)
-            layer.forward(bottoms, tops)
+                        top.data = self._buffer_pool.take(top.shape, top.dtype)
+            relu = self._relu_folds.get(i)
+            if relu is not None:
+                layer.fused_relu = relu <= end
+                if layer.fused_relu:
+                    folded_relu = relu
+            if i != folded_relu:
+                layer.forward(bottoms, tops)
             for weight, top in zip(layer.loss_weights, tops):
                 if weight:
                     loss += weight * float(np.sum(top.data, dtype=np.float64))
                     top.diff[...] = weight
             if release is not None:
                 for blob in release[i]:
+                    self._buffer_pool.give(blob)
                     _release(blob)
         return loss
 
@@ -309,7 +336,9 @@ class Net:
         and the blobs asked for with ``forward(blobs=[...])``; a dropped blob
         reads as zeros (a read-only placeholder of its shape) until a layer
         writes it again, with a fresh array, on the next forward.  Peak memory
-        is then the largest set of blobs alive at once instead of all of them.
+        is then the largest set of blobs alive at once instead of all of them;
+        the dropped arrays are kept and handed to later tops of the same size
+        (``framework.buffers``), so repeated forwards map no new memory.
         ``backward`` is refused (the data it needs is gone) and ``forward``
         must start at the first layer.  Off by default.
         """
@@ -319,6 +348,7 @@ class Net:
     def memory_saving(self, enabled):
         self._memory_saving = bool(enabled)
         self._keep_blobs = set()
+        self._buffer_pool = BufferPool()
         if not enabled:  # give dropped blobs writable (zero) arrays again
             for blob in self.blobs.values():
                 if _is_released(blob):

@@ -98,3 +98,54 @@ def test_switching_off_restores_writable_blobs_and_training():
             n.blobs[k].data[...] = v
     assert net.forward_backward() == pytest.approx(plain.forward_backward())
     np.testing.assert_allclose(net.params["a"][0].diff, plain.params["a"][0].diff, rtol=1e-6)
+
+
+def test_dropped_arrays_are_reused_after_the_first_forward():
+    net = make_net()
+    net.memory_saving = True
+    for seed in range(2):
+        net.forward(**inputs(seed))
+    pool = net._buffer_pool
+    made = set(pool._made.keys())
+    assert made  # the second forward's tops came from the pool
+    for seed in range(2, 5):
+        plain = make_net()
+        want = {k: v.copy() for k, v in plain.forward(**inputs(seed)).items()}
+        got = net.forward(**inputs(seed))
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+    assert set(pool._made.keys()) == made  # no new arrays: every top reused a dropped one
+
+
+def test_an_array_the_user_holds_is_never_reused():
+    net = make_net()
+    net.memory_saving = True
+    net.forward(**inputs(0))
+    held = net.forward(blobs=["a"], **inputs(1))["a"]
+    net.forward(**inputs(2))  # "a" is written again (as any forward overwrites its blobs), then dropped
+    want = held.copy()
+    assert not net.blobs["a"].data.flags.writeable
+    for seed in range(3, 6):  # from now on no layer may write into the dropped array the user holds
+        net.forward(**inputs(seed))
+        np.testing.assert_array_equal(held, want)
+
+
+def test_buffer_pool_takes_back_only_its_own_unshared_arrays():
+    from framework.blob import Blob
+    from framework.buffers import BufferPool
+
+    pool = BufferPool()
+    blob = Blob((2, 3))
+    pool.give(blob)  # not made by the pool
+    assert pool.free_nbytes == 0
+    blob.data = pool.take((2, 3), np.float32)
+    other = Blob((3, 2))
+    other.data = blob.data.reshape(3, 2)  # a second blob sees the memory (Caffe's ShareData)
+    pool.give(blob)
+    assert pool.free_nbytes == 0
+    del other
+    pool.give(blob)
+    assert pool.free_nbytes == 24
+    reused = pool.take((6,), np.float32)
+    assert reused.base is blob.data.base and pool.free_nbytes == 0
+    assert pool.take((3,), np.float64).nbytes == 24  # a new one (nothing free)
