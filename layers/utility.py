@@ -12,6 +12,7 @@ Caffe's ``ShareData`` does, so they cost no copy in forward.
 import numpy as np
 
 from framework.layer import Layer, register_layer
+from layers.parallel import split_apply
 from proto import caffe_pb2
 
 # --------------------------------------------------------------------------
@@ -519,6 +520,25 @@ class TileLayer(Layer):
 ELTWISE_PROD, ELTWISE_SUM, ELTWISE_MAX = 0, 1, 2  # EltwiseParameter.EltwiseOp
 
 
+#: Bytes per block of the Eltwise sum with a folded ReLU: the ReLU reads the sum from cache.
+SUM_RELU_BLOCK_BYTES = 256 << 10
+
+
+def _sum_relu(a, b, y):
+    """y = max(a + b, 0) in cache-sized blocks, split over threads (an Eltwise SUM with the
+    in-place ReLU after it folded in: ResNet's shortcut joins)."""
+    flat = [v.reshape(-1) for v in (a, b, y)]
+    step = max(1, SUM_RELU_BLOCK_BYTES // y.itemsize)
+
+    def part(a_part, b_part, y_part):
+        for i in range(0, y_part.shape[0], step):
+            block = y_part[i:i + step]
+            np.add(a_part[i:i + step], b_part[i:i + step], out=block)
+            np.maximum(block, 0, out=block)
+
+    split_apply(part, flat, y.nbytes)
+
+
 @register_layer("Eltwise")
 class EltwiseLayer(Layer):
     """Element-wise combination of equally shaped bottoms.
@@ -557,9 +577,17 @@ class EltwiseLayer(Layer):
                 raise self.error("does not allow in-place computation")
         top[0].reshape(bottom[0].shape)
 
+    folds_relu = True
+
+    def can_fold_relu(self):
+        return self.op == ELTWISE_SUM  # PROD's and MAX's backward read the top (or its argmax)
+
     def forward(self, bottom, top):
         y = top[0].data
         xs = [b.data for b in bottom]
+        if self.op == ELTWISE_SUM and self.fused_relu and len(xs) == 2 and self.coeffs == [1, 1]:
+            _sum_relu(xs[0], xs[1], y)
+            return
         if self.op == ELTWISE_PROD:
             np.multiply(xs[0], xs[1], out=y)
             for x in xs[2:]:
@@ -576,6 +604,8 @@ class EltwiseLayer(Layer):
                     y += x
                 else:
                     y += c * x
+            if self.fused_relu:
+                np.maximum(y, 0, out=y)
         else:
             # eltwise_layer.cpp: a > b keeps a (index 0), else b (index 1); later: strictly greater
             first = np.greater(xs[0], xs[1])

@@ -132,9 +132,50 @@ def _pad_spatial(x, pad, padded_shape, value=0):
 
 # -- parallel memory-bound copies: see layers/parallel.py ------------------------
 
-def _padd_bias(src, bias, dst):
-    """dst = src + bias (bias broadcast over dst's trailing axes), split over threads along axis 0."""
-    _split_apply(lambda d, s: np.add(s, bias, out=d), (dst, src), dst.nbytes)
+#: The output pass of a convolution (bias add, then the ReLU folded into it, see
+#: ``Layer.fused_relu``) works through blocks of about this many bytes, so the ReLU
+#: reads from cache what the add has just written.
+OUTPUT_BLOCK_BYTES = 256 << 10
+
+
+def _output_pass(dst, src, bias, relu):
+    """dst (n, M, P) = src (+ bias (M,) per channel), then max(·, 0) if ``relu``.
+
+    ``src`` is ``dst`` itself (in place) or a view of the same shape (the transposed
+    GEMM result of the batch-merged layouts).  Split over threads along the images,
+    or along the channels for a single image in place; blocks of channels of about
+    OUTPUT_BLOCK_BYTES.
+    """
+    n, m, p = dst.shape
+    step = max(1, OUTPUT_BLOCK_BYTES // max(1, p * dst.itemsize))
+    if src is dst:  # in place: rows (n·M, P) with one bias value per row
+        rows = _view(dst, (n * m, p))
+        bcol = None if bias is None else np.tile(bias, n).reshape(-1, 1)
+
+        def part(d, b=None):
+            for r in range(0, d.shape[0], step):
+                block = d[r:r + step]
+                if b is not None:
+                    np.add(block, b[r:r + step], out=block)
+                if relu:
+                    np.maximum(block, 0, out=block)
+
+        _split_apply(part, (rows,) if bcol is None else (rows, bcol), dst.nbytes)
+        return
+    bcol = None if bias is None else bias.reshape(-1, 1)
+
+    def images(d, s):
+        for i in range(d.shape[0]):
+            for c in range(0, m, step):
+                block = d[i, c:c + step]
+                if bcol is not None:
+                    np.add(s[i, c:c + step], bcol[c:c + step], out=block)
+                else:
+                    np.copyto(block, s[i, c:c + step])
+                if relu:
+                    np.maximum(block, 0, out=block)
+
+    _split_apply(images, (dst, src), dst.nbytes)
 
 
 _scratch_store = threading.local()
@@ -429,14 +470,14 @@ def _columns_batch(x, geom):
     return im2col_batch(x, geom, _scratch((size,), x.dtype, 0))
 
 
-def _add_bias_inplace(y, bias):
-    """y (n, M, O) += bias (M,), split over threads."""
-    b = bias.reshape(-1, 1)
-    _split_apply(lambda part: np.add(part, b, out=part), (y,), y.nbytes)
+def _add_bias_inplace(y, bias, relu=False):
+    """y (n, M, O) += bias (M,) (None: no bias), then max(·, 0) if ``relu``; split over threads."""
+    if bias is not None or relu:
+        _output_pass(y, y, bias, relu)
 
 
-def conv_forward(x, weights, geom, out, bias=None):
-    """Convolution product: out (n, M, *out_shape) = W ⋆ x (+ bias).
+def conv_forward(x, weights, geom, out, bias=None, relu=False):
+    """Convolution product: out (n, M, *out_shape) = W ⋆ x (+ bias), then max(·, 0) if ``relu``.
 
     x (n, C, *in_shape); weights (M, C/G, *kernel); bias (M,) or None.  One
     matmul call per chunk: per image (G, M/G, K) @ (n, G, K, O) straight into
@@ -449,28 +490,23 @@ def conv_forward(x, weights, geom, out, bias=None):
     """
     from layers import winograd  # here, not at the top: winograd imports this module
     if winograd.use_winograd(x, weights, geom):
-        return winograd.conv_forward(x, weights, geom, out, bias)
+        return winograd.conv_forward(x, weights, geom, out, bias, relu)
     n = x.shape[0]
     m = weights.shape[0]
     g = geom
     w = weights.reshape(g.group, m // g.group, g.col_rows)
     if not _use_merged(n, g):
         np.matmul(w, _columns(x, g), out=_view(out, (n, g.group, m // g.group, g.out_count)))
-        if bias is not None:
-            _add_bias_inplace(_view(out, (n, m, g.out_count)), bias)
+        _add_bias_inplace(_view(out, (n, m, g.out_count)), bias, relu)
         return out
     yt = np.matmul(w, _columns_batch(x, g), out=_scratch((g.group, m // g.group, n * g.out_count), x.dtype, 1))
-    return _store_output(yt.reshape(m, n, g.out_count).swapaxes(0, 1), bias, out)
+    return _store_output(yt.reshape(m, n, g.out_count).swapaxes(0, 1), bias, out, relu)
 
 
-def _store_output(src, bias, out):
+def _store_output(src, bias, out, relu=False):
     """Copy ``src`` (n, M, Π O), a transposed view of a GEMM result, into ``out`` (n, M, *O),
-    adding ``bias`` (M,) in the same pass if given; split over threads."""
-    dst = _view(out, src.shape)
-    if bias is None:
-        pcopyto(dst, src)
-    else:
-        _padd_bias(src, bias.reshape(-1, 1), dst)
+    adding ``bias`` (M,) (if given) and applying max(·, 0) (if ``relu``) in the same pass."""
+    _output_pass(_view(out, src.shape), src, bias, relu)
     return out
 
 
@@ -591,7 +627,7 @@ def _forward_in_position_major(x, weights, geom):
     return not winograd.use_winograd(x, weights, geom)
 
 
-def conv_forward_position_major(x, weights, geom, out, bias=None):
+def conv_forward_position_major(x, weights, geom, out, bias=None, relu=False):
     """:func:`conv_forward` through position-major columns (see above): one GEMM per group
     and block of output rows, then one transposed copy into ``out`` with the bias added
     in the same pass.
@@ -611,7 +647,7 @@ def conv_forward_position_major(x, weights, geom, out, bias=None):
     for start, stop in blocks:
         np.matmul(w, im2col_position_major(xt, g, buf, (start, stop)),
                   out=yt[:, :, start * per_row:stop * per_row])
-    return _store_output(np.moveaxis(yt.reshape(m, g.out_count, n), -1, 0), bias, out)
+    return _store_output(np.moveaxis(yt.reshape(m, g.out_count, n), -1, 0), bias, out, relu)
 
 
 def conv_backward_data(dy, weights, geom, out):
@@ -861,16 +897,22 @@ class ConvolutionLayer(_BaseConvolution):
     im2col and are one plain matmul.
     """
 
+    folds_relu = True
+
+    def can_fold_relu(self):
+        return len(self.layer_param.top) == 1
+
     def forward(self, bottom, top):
+        relu = self.fused_relu
         for b, t in zip(bottom, top):
             x = b.data.reshape(self._bottom_shape())
             y = _view(t.data, self._top_shape())
             weights, bias = self._params(x.dtype)
             for sl in self._chunk_slices(x.itemsize):
                 if _forward_in_position_major(x[sl], weights, self.geom):
-                    conv_forward_position_major(x[sl], weights, self.geom, y[sl], bias)
+                    conv_forward_position_major(x[sl], weights, self.geom, y[sl], bias, relu)
                 else:
-                    conv_forward(x[sl], weights, self.geom, y[sl], bias)
+                    conv_forward(x[sl], weights, self.geom, y[sl], bias, relu)
 
     def backward(self, top, propagate_down, bottom):
         want_weights, want_bias = self._param_needs()

@@ -287,8 +287,8 @@ def _input_transform(x, pad, v, images, ty0, ty1):
             _bt(i, d0[:, :tb], d1[:, :tb], d0[:, 1:], d1[:, 1:], v[4 * i + j, images, ty0:ty1])
 
 
-def _output_transform(m, y, bias, images, ty0, ty1):
-    """y = Aᵀ M A (+ bias) for the tiles of images × tile rows [ty0, ty1).
+def _output_transform(m, y, bias, relu, images, ty0, ty1):
+    """y = Aᵀ M A (+ bias), then max(·, 0) if ``relu``, for the tiles of images × tile rows [ty0, ty1).
 
     m (16, n, th, tw, K) is overwritten there; y (n, K, Ho, Wo).
     """
@@ -313,11 +313,16 @@ def _output_transform(m, y, bias, images, ty0, ty1):
         p3 -= p2
         for b, plane in ((0, p0), (1, p3)):
             dst = y[images, :, 2 * ty0 + a:min(ho, 2 * ty1):2, b::2]  # crops the partial tiles
-            np.copyto(dst, plane[:, :dst.shape[2], :dst.shape[3]].transpose(0, 3, 1, 2))
+            src = plane[:, :dst.shape[2], :dst.shape[3]].transpose(0, 3, 1, 2)
+            if relu:  # the folded ReLU costs nothing here: the copy happens anyway
+                np.maximum(src, 0, out=dst)
+            else:
+                np.copyto(dst, src)
 
 
-def conv_forward(x, weights, geom, out, bias=None):
-    """Convolution forward by Winograd F(2x2, 3x3): out (n, K, Ho, Wo) = W ⋆ x (+ bias).
+def conv_forward(x, weights, geom, out, bias=None, relu=False):
+    """Convolution forward by Winograd F(2x2, 3x3): out (n, K, Ho, Wo) = W ⋆ x (+ bias),
+    then max(·, 0) if ``relu``.
 
     x (n, C, H, W); weights (K, C/G, 3, 3); bias (K,) or None; ``geom`` a
     :class:`layers.vision.ConvGeometry` with stride 1, dilation 1 (any pad).
@@ -339,5 +344,5 @@ def conv_forward(x, weights, geom, out, bias=None):
     np.matmul(_view(v, (16, tiles, g, c // g)).swapaxes(1, 2), u,
               out=_view(m, (16, tiles, g, k // g)).swapaxes(1, 2))
     y = _view(out, (n, k, ho, wo))
-    _over_blocks(lambda *block: _output_transform(m, y, bias, *block), n, th, 16 * tw * k * x.itemsize)
+    _over_blocks(lambda *block: _output_transform(m, y, bias, relu, *block), n, th, 16 * tw * k * x.itemsize)
     return out
