@@ -131,17 +131,53 @@ def use_winograd(x, weights, geom):
 
 # -- filter transform and its cache -------------------------------------------------
 
+#: Output channels per chunk of the filter transform: its float64 intermediates then stay
+#: in cache (one (K·C, 9) x (9, 16) product took 54 ms for 512x512x3x3 filters, mostly
+#: writing and re-reading a 300 MB intermediate; training redoes it every iteration).
+FILTER_CHUNK_BYTES = 2 << 20
+
+
+def _g_rows(g0, g1, g2, out):
+    """The four rows of G·(g0; g1; g2): g0, (g0 + g1 + g2)/2, (g0 − g1 + g2)/2, g2."""
+    np.copyto(out[0], g0)
+    np.add(g0, g2, out=out[1])
+    np.subtract(out[1], g1, out=out[2])
+    out[1] += g1
+    out[1] *= 0.5
+    out[2] *= 0.5
+    np.copyto(out[3], g2)
+
+
 def filter_transform(weights, group, dtype=None):
     """The transformed filters U = G g Gᵀ, laid out for the GEMMs: (16, groups, C/G, K/G).
 
     Axis 0 is the position p = 4i + j in the 4x4 transformed tile; each
     (C/G, K/G) matrix is U[p] transposed.  ``weights`` (K, C/G, 3, 3).
-    Computed in float64 and rounded once to ``dtype`` (default the weights').
+    Computed in float64 (G's entries are 0, ±1/2, 1: each value is a sum of at
+    most 9 filter taps) and rounded once to ``dtype`` (default the weights'),
+    in chunks of output channels.
     """
     k, cg = weights.shape[:2]
     dtype = weights.dtype if dtype is None else np.dtype(dtype)
-    u = weights.reshape(k * cg, 9).astype(np.float64) @ _GG.T  # (K·C/G, 16)
-    return np.ascontiguousarray(u.T.reshape(16, group, k // group, cg).swapaxes(2, 3), dtype=dtype)
+    u = np.empty((16, group, cg, k // group), dtype=dtype)
+    per_group = k // group
+    step = max(1, FILTER_CHUNK_BYTES // (cg * 16 * 8))
+    rows = np.empty((4, step, cg, 3), dtype=np.float64)      # G g, one row i per slab
+    full = np.empty((4, 4, step, cg), dtype=np.float64)     # G g Gᵀ as [i, j, filter, channel]
+    for k0 in range(0, k, step):
+        k1 = min(k, k0 + step)
+        g = weights[k0:k1].astype(np.float64)
+        r = rows[:, :k1 - k0]
+        _g_rows(g[:, :, 0, :], g[:, :, 1, :], g[:, :, 2, :], r)       # over the kernel rows
+        f = full[:, :, :k1 - k0]
+        for i in range(4):
+            _g_rows(r[i, ..., 0], r[i, ..., 1], r[i, ..., 2], f[i])   # over the kernel columns
+        # filter k (group k // per_group, column k % per_group) goes to u[4i + j, group, c, column]
+        for grp in range(k0 // per_group, (k1 - 1) // per_group + 1):
+            a, b = max(k0, grp * per_group), min(k1, (grp + 1) * per_group)
+            np.copyto(u[:, grp, :, a - grp * per_group:b - grp * per_group],
+                      f[:, :, a - k0:b - k0].reshape(16, b - a, cg).swapaxes(1, 2))
+    return u
 
 
 _cache = {}
