@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convolution forward (Lavin & Gray, "Fast Algorithms for
+"""Winograd F(2x2, 3x3) convolution forward and input gradient (Lavin & Gray, "Fast Algorithms for
 Convolutional Neural Networks", 2016).
 
 Each 2x2 block of outputs is computed from a 4x4 tile d of the padded input
@@ -18,7 +18,7 @@ any group count, float32 or float64):
   of tile rows, one transposing copy of the input into a zero-padded buffer
   split by row/column parity, then 8 + 16 slab adds (tile-column then
   tile-row neighbours are whole slabs apart), no per-tile loop.
-* filter transform G g Gᵀ: one (K·C/G, 9) x (9, 16) product in float64,
+* filter transform G g Gᵀ: separable adds in float64 over chunks of filters,
   rounded once, cached per weight array (see "Filter cache").
 * 16 GEMMs (one ``np.matmul`` over the stack, per group):
   M[p] (tiles, K) = V[p] (tiles, C) · U[p]ᵀ, the images side by side.
@@ -41,9 +41,14 @@ error ≤ ``ERROR_BOUND`` = 2e-6 and ≤ 4x the im2col error on the same problem
 
 Opt-out: ``layers.winograd.ENABLED = False`` (or the environment variable
 ``CAFFE_NUMPY_WINOGRAD=0`` — also "false", "no", "off" — read at import)
-sends every convolution forward through the im2col + GEMM path, Caffe's own
+sends every convolution through the im2col + GEMM path, Caffe's own
 formulation and summation order, e.g. to compare with Caffe to the last bits.
-Backward passes always use im2col.
+
+Input gradient (:func:`conv_backward_data`): dx is the convolution of dy, padded
+by 2 − pad, with the filters transposed (K <-> C) and flipped; the flipped
+filters' transform is the forward's at mirrored positions, so the cached U
+serves both (the 16 GEMMs then take U[mirror(p)] transposed).  Same transforms,
+same accuracy; the weight gradient stays on im2col.
 
 Filter cache: solvers update the weights in place, so the array identity
 alone cannot tell stale weights.  Each cache entry keeps a copy of the weights
@@ -364,21 +369,64 @@ def conv_forward(x, weights, geom, out, bias=None, relu=False):
     :class:`layers.vision.ConvGeometry` with stride 1, dilation 1 (any pad).
     Same contract as :func:`layers.vision.conv_forward`.
     """
-    n, c = x.shape[:2]
-    k = weights.shape[0]
-    g = geom.group
-    ho, wo = geom.out_shape
-    th, tw = (ho + 1) // 2, (wo + 1) // 2
-    tiles = n * th * tw
-    u = cached_filter_transform(weights, g)
+    u = cached_filter_transform(weights, geom.group)
     if u.dtype != x.dtype:
         u = u.astype(x.dtype)
+    return _convolve(x, u, False, weights.shape[0], geom.pad, geom.group, geom.out_shape, out, bias, relu)
+
+
+# Position p = 4i + j of the transformed tile -> its mirror 4σ(i) + σ(j), σ = (3, 1, 2, 0):
+# reversing the three taps of a filter row (J) swaps rows 0 and 3 of G (G·J = P·G), so the
+# flipped filter's transform is G (J g J) Gᵀ = P (G g Gᵀ) Pᵀ.
+_SIGMA = (3, 1, 2, 0)
+_MIRROR = tuple(4 * _SIGMA[i] + _SIGMA[j] for i in range(4) for j in range(4))
+
+
+def use_for_data_gradient(dy, weights, geom):
+    """Whether :func:`conv_backward_data` takes this convolution's input gradient: ENABLED, a
+    shape :func:`supports`, pad at most 2 (the gradient is a convolution of dy padded by 2 − pad)
+    and, as for the forward, >= MIN_CHANNELS channels per group both ways and >= MIN_TILES tiles
+    of the input."""
+    if not ENABLED or not supports(dy, weights, geom) or max(geom.pad) > 2:
+        return False
+    if geom.channels // geom.group < MIN_CHANNELS or weights.shape[0] // geom.group < MIN_CHANNELS:
+        return False
+    h, w = geom.in_shape
+    return dy.shape[0] * ((h + 1) // 2) * ((w + 1) // 2) >= MIN_TILES
+
+
+def conv_backward_data(dy, weights, geom, dx):
+    """Input gradient of a 3x3 stride-1 convolution by Winograd: dx (n, C, H, W) = dy ⋆ W',
+    where W'[c, k] is W[k, c] flipped in both axes and dy (n, K, Ho, Wo) is padded by 2 − pad
+    (the transposed convolution Caffe computes as col2im(Wᵀ·dy)).  W' is never formed: its
+    transformed filters are the forward's (cached) at the mirrored positions, transposed.
+    Overwrites ``dx``, as Caffe's backward does."""
+    u = cached_filter_transform(weights, geom.group)
+    if u.dtype != dy.dtype:
+        u = u.astype(dy.dtype)
+    pad = tuple(2 - p for p in geom.pad)
+    return _convolve(dy, u, True, geom.channels, pad, geom.group, geom.in_shape, dx, None, False)
+
+
+def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):
+    """out (n, k, *out_shape) from x (n, c, H, W) and transformed filters ``u``
+    (16, G, C_in/G, C_out/G), or, if ``transposed``, a forward's u used as the filters of the
+    input gradient (position p takes u[_MIRROR[p]] transposed)."""
+    n, c = x.shape[:2]
+    ho, wo = out_shape
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    tiles = n * th * tw
     v = _scratch((16, n, th, tw, c), x.dtype, "winograd-v")
-    _over_blocks(lambda *block: _input_transform(x, geom.pad, v, *block), n, th, 16 * tw * c * x.itemsize)
+    _over_blocks(lambda *block: _input_transform(x, pad, v, *block), n, th, 16 * tw * c * x.itemsize)
     m = _scratch((16, n, th, tw, k), x.dtype, "winograd-m")
     # per group: M[p] (tiles, K/G) = V[p] (tiles, C/G) · U[p]ᵀ (C/G, K/G), rows of C and K elements
-    np.matmul(_view(v, (16, tiles, g, c // g)).swapaxes(1, 2), u,
-              out=_view(m, (16, tiles, g, k // g)).swapaxes(1, 2))
+    vs = _view(v, (16, tiles, g, c // g)).swapaxes(1, 2)
+    ms = _view(m, (16, tiles, g, k // g)).swapaxes(1, 2)
+    if not transposed:
+        np.matmul(vs, u, out=ms)
+    else:
+        for p in range(16):
+            np.matmul(vs[p], u[_MIRROR[p]].swapaxes(-1, -2), out=ms[p])
     y = _view(out, (n, k, ho, wo))
     _over_blocks(lambda *block: _output_transform(m, y, bias, relu, *block), n, th, 16 * tw * k * x.itemsize)
     return out

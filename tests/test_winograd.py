@@ -287,11 +287,78 @@ def test_dispatch_needs_float_and_channels_per_group():
     assert not winograd.use_winograd(x, w[:, :c // 4], grouped)
 
 
-def test_gradients_still_check_with_winograd_forward(everywhere, count_winograd):
-    # forward by Winograd (thresholds lowered to reach a small layer), backward by im2col
-    layer = layer_from_text(conv_layer_text(3, "kernel_size: 3 pad: 1 group: 1"))
-    check_gradient(layer, [make_blob(np.random.default_rng(8).uniform(-1, 1, (2, 2, 4, 3)))], [Blob()])
-    assert count_winograd
+@pytest.fixture
+def count_data_gradient(monkeypatch):
+    calls = []
+    original = winograd.conv_backward_data
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(winograd, "conv_backward_data", counted)
+    return calls
+
+
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_gradients_check_with_winograd_forward_and_data_gradient(everywhere, count_winograd,
+                                                                  count_data_gradient, pad):
+    # forward and input gradient by Winograd (thresholds lowered to reach a small layer),
+    # weight gradient by im2col
+    layer = layer_from_text(conv_layer_text(3, f"kernel_size: 3 pad: {pad} group: 1"))
+    check_gradient(layer, [make_blob(np.random.default_rng(8).uniform(-1, 1, (2, 2, 4, 5)))], [Blob()])
+    assert count_winograd and count_data_gradient
+
+
+def im2col_data_gradient(dy, weights, geom):
+    dx = np.empty((dy.shape[0], geom.channels) + geom.in_shape, dtype=dy.dtype)
+    saved = winograd.ENABLED
+    winograd.ENABLED = False
+    try:
+        vision.conv_backward(None, dy, weights, geom, dx, weight_grad=False)
+    finally:
+        winograd.ENABLED = saved
+    return dx
+
+
+# (n, c, k, h, w, pad, group): odd/even sizes, pads 0-2, groups, batch 1/3
+@pytest.mark.parametrize("n, c, k, h, w, pad, group", [
+    (2, 4, 6, 7, 8, 1, 1), (1, 6, 4, 5, 5, 0, 2), (3, 4, 4, 6, 9, 2, 1), (2, 8, 8, 4, 4, 1, 4),
+    (1, 3, 5, 3, 3, 0, 1),
+])
+def test_data_gradient_matches_im2col_in_float64(everywhere, n, c, k, h, w, pad, group):
+    _, weights, _ = problem(1, c, k, 3, 3, group, seed=12)
+    geom = geometry(c, h, w, pad, group)
+    dy = np.random.default_rng(13).standard_normal((n, k) + geom.out_shape)
+    assert winograd.use_for_data_gradient(dy, weights, geom)
+    dx = np.full((n, c, h, w), np.nan)
+    winograd.conv_backward_data(dy, weights, geom, dx)
+    np.testing.assert_allclose(dx, im2col_data_gradient(dy, weights, geom), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c, h", [(64, 8), (256, 6)])
+def test_data_gradient_float32_error_bound(c, h):
+    # the real dispatch (no lowered thresholds): ResNet-like channels
+    _, weights, _ = problem(1, c, c, 3, 3, seed=14, dtype=np.float32)
+    geom = geometry(c, h, h, 1)
+    dy = np.random.default_rng(15).standard_normal((8, c, h, h)).astype(np.float32)
+    assert winograd.use_for_data_gradient(dy, weights, geom) == winograd.ENABLED
+    dx = np.empty((8, c, h, h), np.float32)
+    winograd.conv_backward_data(dy, weights, geom, dx)
+    ref = im2col_data_gradient(dy.astype(np.float64), weights.astype(np.float64), geom)
+    exact_err = rel_error(im2col_data_gradient(dy, weights, geom), ref)
+    err = rel_error(dx, ref)
+    assert err <= winograd.ERROR_BOUND and err <= 4 * exact_err
+
+
+def test_data_gradient_dispatch():
+    c = 2 * winograd.MIN_CHANNELS
+    w = np.zeros((c, c, 3, 3), np.float32)
+    dy = fake_input(8, c, 16)
+    assert winograd.use_for_data_gradient(dy, w, geometry(c, 16, 16, 1)) == winograd.ENABLED
+    assert not winograd.use_for_data_gradient(fake_input(8, c, 20), w, geometry(c, 16, 16, 3))  # pad 3
+    small = np.zeros((8, 8, 3, 3), np.float32)
+    assert not winograd.use_for_data_gradient(fake_input(8, 8, 16), small, geometry(8, 16, 16, 1))
 
 
 def test_deconvolution_backward_uses_the_same_forward(monkeypatch, everywhere, count_winograd):
