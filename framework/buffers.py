@@ -77,7 +77,3 @@ class BufferPool:
     def free_nbytes(self):
         """Bytes held by arrays no blob uses."""
         return sum(owner.nbytes for owners in self._free.values() for owner in owners)
-
-    def clear(self):
-        """Drop every free array."""
-        self._free.clear()

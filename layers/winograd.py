@@ -1,5 +1,5 @@
-"""Winograd F(2x2, 3x3) convolution forward and input gradient (Lavin & Gray, "Fast Algorithms for
-Convolutional Neural Networks", 2016).
+"""Winograd F(2x2, 3x3) convolution forward and input gradient (Lavin & Gray,
+"Fast Algorithms for Convolutional Neural Networks", 2016).
 
 Each 2x2 block of outputs is computed from a 4x4 tile d of the padded input
 (tiles overlap by 2) and the 3x3 filter g as
