@@ -367,6 +367,25 @@ def _broadcast_dims(layer, bottom, operand, axis, what):
     return bottom.count_range(0, axis), operand.count, bottom.count_range(end)
 
 
+#: Bytes per block of Scale's output pass with a folded ReLU (multiply, add, max on data in cache).
+SCALE_RELU_BLOCK_BYTES = 256 << 10
+
+
+def _scale_bias_relu(x2, gamma, beta, outer, y2):
+    """y2 = max(x2 * gamma (+ beta), 0) row by row: x2, y2 (outer·dim, inner), gamma and beta
+    (dim,) repeated over the ``outer`` blocks of rows; the same multiply and add as the unfolded
+    forward, in blocks of rows that stay in cache (y2 may be x2)."""
+    gcol = np.tile(gamma, outer).reshape(-1, 1)
+    bcol = None if beta is None else np.tile(beta.reshape(-1), outer).reshape(-1, 1)
+    step = max(1, SCALE_RELU_BLOCK_BYTES // max(1, x2.shape[1] * x2.itemsize))
+    for r in range(0, x2.shape[0], step):
+        block = y2[r:r + step]
+        np.multiply(x2[r:r + step], gcol[r:r + step], out=block)
+        if bcol is not None:
+            block += bcol[r:r + step]
+        np.maximum(block, 0, out=block)
+
+
 @register_layer("Scale")
 class ScaleLayer(Layer):
     """y = x * gamma (+ beta), gamma broadcast over bottom axes [axis, axis + num_axes).
@@ -383,6 +402,7 @@ class ScaleLayer(Layer):
     min_bottom_blobs = 1
     max_bottom_blobs = 2
     exact_num_top_blobs = 1
+    folds_relu = True  # backward reads the input (kept when in place) and dy, never the top
 
     def setup(self, bottom, top):
         p = self.layer_param.scale_param
@@ -429,12 +449,19 @@ class ScaleLayer(Layer):
             self._x = None
         gamma = self._gamma(bottom).data.astype(x.dtype, copy=False).reshape(1, dim, 1)
         y3 = top[0].data.reshape(outer, dim, inner)
+        if self.fused_relu and (not self.bias_term or self._bias_dims == self._dims):
+            beta = self.blobs[-1].data.astype(x.dtype, copy=False) if self.bias_term else None
+            _scale_bias_relu(x.reshape(outer * dim, inner), gamma.reshape(-1), beta, outer,
+                             y3.reshape(outer * dim, inner))
+            return
         np.multiply(x.reshape(outer, dim, inner), gamma, out=y3)
         if self.bias_term:
             b_outer, b_dim, b_inner = self._bias_dims
             beta = self.blobs[-1].data.astype(x.dtype, copy=False).reshape(1, b_dim, 1)
             y3b = top[0].data.reshape(b_outer, b_dim, b_inner)
             y3b += beta
+        if self.fused_relu:
+            np.maximum(y3, 0, out=y3)
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff

@@ -145,3 +145,46 @@ def test_eltwise_sum_relu_blocks_and_threads(monkeypatch):
     y = np.full_like(a, np.nan)
     utility._sum_relu(a, b, y)
     np.testing.assert_array_equal(y, np.maximum(a + b, 0))
+
+
+BN_NET = """
+name: "bn"
+layer { name: "data" type: "Input" top: "data" top: "target"
+        input_param { shape { dim: 4 dim: 3 dim: 6 dim: 6 } shape { dim: 4 dim: 5 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 6 kernel_size: 3 bias_term: false weight_filler { type: "gaussian" std: 0.5 } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv"
+        scale_param { bias_term: true filler { type: "uniform" min: 0.5 max: 1.5 }
+                      bias_filler { type: "uniform" min: -0.5 max: 0.5 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+        inner_product_param { num_output: 5 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "target" top: "loss" }
+"""
+
+
+@pytest.mark.parametrize("block_bytes", [64, 256 << 10])
+def test_scale_folds_the_relu_after_batchnorm_in_training(monkeypatch, block_bytes):
+    from layers import normalization
+    monkeypatch.setattr(normalization, "SCALE_RELU_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
+    target = rng.standard_normal((4, 5)).astype(np.float32)
+    results = []
+    for fold in (True, False):
+        net = make_net(framework.TRAIN, BN_NET)
+        names = net.layer_names
+        assert {names[p]: names[r] for p, r in net._relu_folds.items()} == {"scale": "relu"}
+        if not fold:
+            net._relu_folds = {}
+        net.blobs["data"].data[...] = x
+        net.blobs["target"].data[...] = target
+        loss = net.forward_backward()
+        conv = net.blobs["conv"].data.copy()
+        results.append((loss, conv, [b.diff.copy() for blobs in net.params.values() for b in blobs]))
+    assert (results[1][1] == 0).any() and (results[1][1] > 0).any()
+    assert results[0][0] == results[1][0]
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    for got, want in zip(results[0][2], results[1][2]):
+        np.testing.assert_array_equal(got, want)
