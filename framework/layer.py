@@ -78,9 +78,6 @@ class Layer:
     auto_top_blobs = False
     is_loss = False
     has_backward = True
-    #: True for layers whose forward can apply a ReLU to their single top in its last
-    #: pass (see ``fused_relu`` and ``Net``); they must also check ``can_fold_relu``.
-    folds_relu = False
 
     def __init__(self, layer_param, phase=None):
         self.layer_param = layer_param
@@ -95,7 +92,7 @@ class Layer:
         self.backward_needed = True
         # Set by the net for a forward that also runs the in-place ReLU right after this
         # layer: apply max(top, 0) at the end of forward (the ReLU's forward is skipped).
-        # Exact: the same maximum, one memory pass fewer.  Only for folds_relu layers.
+        # Exact: the same maximum, one memory pass fewer.  Only where can_fold_relu().
         self.fused_relu = False
 
     # -- identity --------------------------------------------------------------
@@ -130,8 +127,9 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
     def can_fold_relu(self):
-        """Whether this instance (its parameters) supports ``fused_relu``; see ``folds_relu``."""
-        return self.folds_relu
+        """Whether this layer's forward can apply ``fused_relu`` to its single top in its last
+        pass, its backward never reading that top.  Layers that can override this."""
+        return False
 
     def backward(self, top, propagate_down, bottom):
         raise NotImplementedError(f"{type(self).__name__}.backward")

@@ -206,7 +206,7 @@ class Net:
 
     def _plan_relu_folds(self):
         """{producer index: ReLU index} for each plain in-place ReLU that the layer just before
-        it can apply in its own forward (``Layer.folds_relu``): the ReLU reads and writes that
+        it can apply in its own forward (``Layer.can_fold_relu``): the ReLU reads and writes that
         layer's only top, has slope 0 and no loss weight.  Exact: the same max(x, 0)."""
         from layers.neuron import ReLULayer  # the layers import the framework, not the reverse
 
@@ -216,8 +216,8 @@ class Net:
             names = self._top_name_lists[i]
             if (type(relu) is ReLULayer and relu.negative_slope == 0 and not any(relu.loss_weights)
                     and self._bottom_name_lists[i] == names and len(names) == 1
-                    and self._top_name_lists[i - 1] == names and producer.folds_relu
-                    and producer.can_fold_relu() and not any(producer.loss_weights)):
+                    and self._top_name_lists[i - 1] == names and producer.can_fold_relu()
+                    and not any(producer.loss_weights)):
                 folds[i - 1] = i
         return folds
 

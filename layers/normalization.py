@@ -402,7 +402,9 @@ class ScaleLayer(Layer):
     min_bottom_blobs = 1
     max_bottom_blobs = 2
     exact_num_top_blobs = 1
-    folds_relu = True  # backward reads the input (kept when in place) and dy, never the top
+
+    def can_fold_relu(self):
+        return True  # backward reads the input (kept when in place) and dy, never the top
 
     def setup(self, bottom, top):
         p = self.layer_param.scale_param

@@ -577,8 +577,6 @@ class EltwiseLayer(Layer):
                 raise self.error("does not allow in-place computation")
         top[0].reshape(bottom[0].shape)
 
-    folds_relu = True
-
     def can_fold_relu(self):
         return self.op == ELTWISE_SUM  # PROD's and MAX's backward read the top (or its argmax)
 

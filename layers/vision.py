@@ -904,8 +904,6 @@ class ConvolutionLayer(_BaseConvolution):
     im2col and are one plain matmul.
     """
 
-    folds_relu = True
-
     def can_fold_relu(self):
         return len(self.layer_param.top) == 1
 
