@@ -211,17 +211,22 @@ def everywhere(monkeypatch):
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
 
 
-@pytest.fixture
-def count_winograd(monkeypatch):
+def count_calls(monkeypatch, name):
+    """Replace winograd.<name> by a wrapper that records its first argument's shape; the list."""
     calls = []
-    original = winograd.conv_forward
+    original = getattr(winograd, name)
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(winograd, "conv_forward", counted)
+    monkeypatch.setattr(winograd, name, counted)
     return calls
+
+
+@pytest.fixture
+def count_winograd(monkeypatch):
+    return count_calls(monkeypatch, "conv_forward")
 
 
 def test_convolution_layer_same_forward_with_fast_path_on_and_off(monkeypatch, everywhere, count_winograd):
@@ -289,15 +294,7 @@ def test_dispatch_needs_float_and_channels_per_group():
 
 @pytest.fixture
 def count_data_gradient(monkeypatch):
-    calls = []
-    original = winograd.conv_backward_data
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(winograd, "conv_backward_data", counted)
-    return calls
+    return count_calls(monkeypatch, "conv_backward_data")
 
 
 @pytest.mark.parametrize("pad", [0, 1, 2])
