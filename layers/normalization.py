@@ -9,6 +9,7 @@ import numpy as np
 from framework.blob import Blob
 from framework.fillers import fill
 from framework.layer import Layer, register_layer
+from layers.parallel import in_blocks
 
 TEST = 1  # caffe_pb2.Phase.TEST
 
@@ -367,23 +368,19 @@ def _broadcast_dims(layer, bottom, operand, axis, what):
     return bottom.count_range(0, axis), operand.count, bottom.count_range(end)
 
 
-#: Bytes per block of Scale's output pass with a folded ReLU (multiply, add, max on data in cache).
-SCALE_RELU_BLOCK_BYTES = 256 << 10
-
-
 def _scale_bias_relu(x2, gamma, beta, outer, y2):
     """y2 = max(x2 * gamma (+ beta), 0) row by row: x2, y2 (outer·dim, inner), gamma and beta
     (dim,) repeated over the ``outer`` blocks of rows; the same multiply and add as the unfolded
-    forward, in blocks of rows that stay in cache (y2 may be x2)."""
-    gcol = np.tile(gamma, outer).reshape(-1, 1)
-    bcol = None if beta is None else np.tile(beta.reshape(-1), outer).reshape(-1, 1)
-    step = max(1, SCALE_RELU_BLOCK_BYTES // max(1, x2.shape[1] * x2.itemsize))
-    for r in range(0, x2.shape[0], step):
-        block = y2[r:r + step]
-        np.multiply(x2[r:r + step], gcol[r:r + step], out=block)
-        if bcol is not None:
-            block += bcol[r:r + step]
-        np.maximum(block, 0, out=block)
+    forward, in blocks of rows that stay in cache (:func:`layers.parallel.in_blocks`; y2 may be x2)."""
+    columns = [np.tile(v.reshape(-1), outer).reshape(-1, 1) for v in (gamma, beta) if v is not None]
+
+    def block(y, x, g, b=None):
+        np.multiply(x, g, out=y)
+        if b is not None:
+            y += b
+        np.maximum(y, 0, out=y)
+
+    in_blocks(block, [y2, x2] + columns)
 
 
 @register_layer("Scale")

@@ -68,6 +68,21 @@ def split_apply(func, arrays, nbytes):
         f.result()
 
 
+#: Bytes per block of :func:`in_blocks`: small enough that a block one pass has just
+#: written is still in the core's cache for the next pass (fused bias/scale + ReLU).
+BLOCK_BYTES = 256 << 10
+
+
+def in_blocks(func, arrays):
+    """Call ``func(*parts)`` on consecutive slices of ``arrays`` along axis 0, each about
+    BLOCK_BYTES of ``arrays[0]``, so that several passes over one slice read it from cache."""
+    rows = arrays[0].shape[0]
+    row_bytes = arrays[0].nbytes // max(1, rows)
+    step = max(1, BLOCK_BYTES // max(1, row_bytes))
+    for r in range(0, rows, step):
+        func(*(a[r:r + step] for a in arrays))
+
+
 def pcopyto(dst, src):
     """``np.copyto(dst, src)`` (same shapes) split over threads along axis 0."""
     split_apply(np.copyto, (dst, src), dst.nbytes)

@@ -12,7 +12,7 @@ Caffe's ``ShareData`` does, so they cost no copy in forward.
 import numpy as np
 
 from framework.layer import Layer, register_layer
-from layers.parallel import split_apply
+from layers.parallel import in_blocks, split_apply
 from proto import caffe_pb2
 
 # --------------------------------------------------------------------------
@@ -520,23 +520,14 @@ class TileLayer(Layer):
 ELTWISE_PROD, ELTWISE_SUM, ELTWISE_MAX = 0, 1, 2  # EltwiseParameter.EltwiseOp
 
 
-#: Bytes per block of the Eltwise sum with a folded ReLU: the ReLU reads the sum from cache.
-SUM_RELU_BLOCK_BYTES = 256 << 10
-
-
 def _sum_relu(a, b, y):
-    """y = max(a + b, 0) in cache-sized blocks, split over threads (an Eltwise SUM with the
-    in-place ReLU after it folded in: ResNet's shortcut joins)."""
-    flat = [v.reshape(-1) for v in (a, b, y)]
-    step = max(1, SUM_RELU_BLOCK_BYTES // y.itemsize)
+    """y = max(a + b, 0) in cache-sized blocks (:func:`layers.parallel.in_blocks`), split
+    over threads (an Eltwise SUM with the in-place ReLU after it folded in: ResNet's joins)."""
+    def block(y_part, a_part, b_part):
+        np.add(a_part, b_part, out=y_part)
+        np.maximum(y_part, 0, out=y_part)
 
-    def part(a_part, b_part, y_part):
-        for i in range(0, y_part.shape[0], step):
-            block = y_part[i:i + step]
-            np.add(a_part[i:i + step], b_part[i:i + step], out=block)
-            np.maximum(block, 0, out=block)
-
-    split_apply(part, flat, y.nbytes)
+    split_apply(lambda *parts: in_blocks(block, parts), [v.reshape(-1) for v in (y, a, b)], y.nbytes)
 
 
 @register_layer("Eltwise")

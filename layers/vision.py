@@ -26,7 +26,7 @@ from framework.blob import Blob
 from framework.fillers import fill
 from framework.layer import Layer, register_layer
 from framework import random as _random
-from layers.parallel import pcopyto, split_apply as _split_apply
+from layers.parallel import in_blocks, pcopyto, split_apply as _split_apply
 from proto import caffe_pb2
 
 #: Upper bound (bytes) of a convolution's work buffers (columns + transposed
@@ -132,48 +132,37 @@ def _pad_spatial(x, pad, padded_shape, value=0):
 
 # -- parallel memory-bound copies: see layers/parallel.py ------------------------
 
-#: The output pass of a convolution (bias add, then the ReLU folded into it, see
-#: ``Layer.fused_relu``) works through blocks of about this many bytes, so the ReLU
-#: reads from cache what the add has just written.
-OUTPUT_BLOCK_BYTES = 256 << 10
-
-
 def _output_pass(dst, src, bias, relu):
     """dst (n, M, P) = src (+ bias (M,) per channel), then max(·, 0) if ``relu``.
 
     ``src`` is ``dst`` itself (in place) or a view of the same shape (the transposed
     GEMM result of the batch-merged layouts).  Split over threads along the images,
-    or along the channels for a single image in place; blocks of channels of about
-    OUTPUT_BLOCK_BYTES.
+    or along the channels for a single image in place; the ReLU (``Layer.fused_relu``)
+    follows the add block by block (:func:`layers.parallel.in_blocks`), from cache.
     """
     n, m, p = dst.shape
-    step = max(1, OUTPUT_BLOCK_BYTES // max(1, p * dst.itemsize))
+
+    def block(d, s, b):
+        if b is not None:
+            np.add(s, b, out=d)
+        elif s is not d:
+            np.copyto(d, s)
+        if relu:
+            np.maximum(d, 0, out=d)
+
     if src is dst:  # in place: rows (n·M, P) with one bias value per row
         rows = _view(dst, (n * m, p))
-        bcol = None if bias is None else np.tile(bias, n).reshape(-1, 1)
-
-        def part(d, b=None):
-            for r in range(0, d.shape[0], step):
-                block = d[r:r + step]
-                if b is not None:
-                    np.add(block, b[r:r + step], out=block)
-                if relu:
-                    np.maximum(block, 0, out=block)
-
-        _split_apply(part, (rows,) if bcol is None else (rows, bcol), dst.nbytes)
+        if bias is None:
+            _split_apply(lambda d: in_blocks(lambda db: block(db, db, None), (d,)), (rows,), dst.nbytes)
+        else:
+            _split_apply(lambda d, b: in_blocks(lambda db, bb: block(db, db, bb), (d, b)),
+                         (rows, np.tile(bias, n).reshape(-1, 1)), dst.nbytes)
         return
-    bcol = None if bias is None else bias.reshape(-1, 1)
+    bcol = () if bias is None else (bias.reshape(-1, 1),)
 
     def images(d, s):
         for i in range(d.shape[0]):
-            for c in range(0, m, step):
-                block = d[i, c:c + step]
-                if bcol is not None:
-                    np.add(s[i, c:c + step], bcol[c:c + step], out=block)
-                else:
-                    np.copyto(block, s[i, c:c + step])
-                if relu:
-                    np.maximum(block, 0, out=block)
+            in_blocks(lambda db, sb, bb=None: block(db, sb, bb), (d[i], s[i]) + bcol)
 
     _split_apply(images, (dst, src), dst.nbytes)
 

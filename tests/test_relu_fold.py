@@ -115,7 +115,7 @@ def test_training_gradients_equal_with_folding():
 ])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_forward_relu_is_max_of_the_plain_forward(monkeypatch, n, c, m, size, kernel, layout, bias):
-    monkeypatch.setattr(vision, "OUTPUT_BLOCK_BYTES", 64)  # several blocks per image and thread
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 64)  # several blocks per image and thread
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)  # split over threads even when small
     rng = np.random.default_rng(3)
     pad = kernel // 2
@@ -139,7 +139,7 @@ def test_conv_forward_relu_is_max_of_the_plain_forward(monkeypatch, n, c, m, siz
 def test_eltwise_sum_relu_blocks_and_threads(monkeypatch):
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
     from layers import utility
-    monkeypatch.setattr(utility, "SUM_RELU_BLOCK_BYTES", 40)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 40)
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((2, 5, 7, 3)).astype(np.float32)
     y = np.full_like(a, np.nan)
@@ -166,8 +166,7 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "target" top: "l
 
 @pytest.mark.parametrize("block_bytes", [64, 256 << 10])
 def test_scale_folds_the_relu_after_batchnorm_in_training(monkeypatch, block_bytes):
-    from layers import normalization
-    monkeypatch.setattr(normalization, "SCALE_RELU_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", block_bytes)
     rng = np.random.default_rng(6)
     x = rng.standard_normal((4, 3, 6, 6)).astype(np.float32)
     target = rng.standard_normal((4, 5)).astype(np.float32)
