@@ -26,7 +26,7 @@ from framework.blob import Blob
 from framework.fillers import fill
 from framework.layer import Layer, register_layer
 from framework import random as _random
-from layers.parallel import in_blocks, pcopyto, split_apply as _split_apply
+from layers.parallel import in_blocks, pcopyto, row_broadcast, split_apply as _split_apply
 from proto import caffe_pb2
 
 #: Upper bound (bytes) of a convolution's work buffers (columns + transposed
@@ -142,7 +142,7 @@ def _output_pass(dst, src, bias, relu):
     """
     n, m, p = dst.shape
 
-    def block(d, s, b):
+    def block(d, s, b=None):
         if b is not None:
             np.add(s, b, out=d)
         elif s is not d:
@@ -150,19 +150,24 @@ def _output_pass(dst, src, bias, relu):
         if relu:
             np.maximum(d, 0, out=d)
 
+    def in_place(d, b=None):
+        block(d, d, b)
+
+    def part(func, *arrays):  # one thread's share, in cache-sized blocks
+        with row_broadcast(p):
+            in_blocks(func, arrays)
+
     if src is dst:  # in place: rows (n·M, P) with one bias value per row
-        rows = _view(dst, (n * m, p))
-        if bias is None:
-            _split_apply(lambda d: in_blocks(lambda db: block(db, db, None), (d,)), (rows,), dst.nbytes)
-        else:
-            _split_apply(lambda d, b: in_blocks(lambda db, bb: block(db, db, bb), (d, b)),
-                         (rows, np.tile(bias, n).reshape(-1, 1)), dst.nbytes)
+        rows = (_view(dst, (n * m, p)),)
+        if bias is not None:
+            rows += (np.tile(bias, n).reshape(-1, 1),)
+        _split_apply(lambda *parts: part(in_place, *parts), rows, dst.nbytes)
         return
     bcol = () if bias is None else (bias.reshape(-1, 1),)
 
     def images(d, s):
         for i in range(d.shape[0]):
-            in_blocks(lambda db, sb, bb=None: block(db, sb, bb), (d[i], s[i]) + bcol)
+            part(block, d[i], s[i], *bcol)
 
     _split_apply(images, (dst, src), dst.nbytes)
 
