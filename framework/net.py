@@ -199,6 +199,13 @@ class Net:
                 if layer.loss(j):
                     self.output_loss_weights[name] = self.output_loss_weights.get(name, 0.0) + layer.loss(j)
         self._relu_folds = self._plan_relu_folds()
+        self._scale_folds = self._plan_scale_folds()
+        # last layer of each folded group (the Scale, or the ReLU folded into it) -> BatchNorm
+        self._scale_fold_ends = {}
+        for norm_index, scale_index in self._scale_folds.items():
+            self._scale_fold_ends[scale_index] = norm_index
+            if scale_index in self._relu_folds:
+                self._scale_fold_ends[self._relu_folds[scale_index]] = norm_index
         self._collect_params()
         self.params = OrderedDict((name, layer.blobs) for name, layer in zip(self.layer_names, self.layers)
                                   if layer.blobs)
@@ -219,6 +226,25 @@ class Net:
                     and self._top_name_lists[i - 1] == names and producer.can_fold_relu()
                     and not any(producer.loss_weights)):
                 folds[i - 1] = i
+        return folds
+
+    def _plan_scale_folds(self):
+        """{BatchNorm index: Scale index} for each in-place batch-statistics BatchNorm whose top
+        the next layer, a per-channel Scale, transforms in place (``BatchNormLayer.can_fold_scale``),
+        with no loss weight on either: ResNet's BatchNorm -> Scale (-> ReLU) in training, run as
+        one layer in forward and backward (float32 round-off apart, the same numbers)."""
+        from layers.normalization import BatchNormLayer, ScaleLayer
+
+        folds = {}
+        for i in range(len(self.layers) - 1):
+            norm, scale = self.layers[i], self.layers[i + 1]
+            names = self._top_name_lists[i]
+            if (type(norm) is BatchNormLayer and type(scale) is ScaleLayer and len(names) == 1
+                    and self._bottom_name_lists[i] == names  # so no blob keeps a diff between them
+                    and self._bottom_name_lists[i + 1] == names and self._top_name_lists[i + 1] == names
+                    and not any(norm.loss_weights) and not any(scale.loss_weights)
+                    and norm.can_fold_scale(scale)):
+                folds[i] = i + 1
         return folds
 
     def _prune_backward(self, force_backward):
@@ -301,7 +327,7 @@ class Net:
         """Run layers start..end inclusive; return the weighted loss of those layers."""
         release = self._release_plan(end) if self.memory_saving else None
         loss = 0.0
-        folded_relu = None  # index of a ReLU applied by the layer before it (_plan_relu_folds)
+        folded = set()  # layers run by the one before them (_plan_relu_folds, _plan_scale_folds)
         for i in range(start, end + 1):
             layer, bottoms, tops = self.layers[i], self._bottoms[i], self._tops[i]
             layer.reshape(bottoms, tops)
@@ -309,12 +335,8 @@ class Net:
                 for top in tops:
                     if _is_released(top):
                         top.data = self._buffer_pool.take(top.shape, top.dtype)
-            relu = self._relu_folds.get(i)
-            if relu is not None:
-                layer.fused_relu = relu <= end
-                if layer.fused_relu:
-                    folded_relu = relu
-            if i != folded_relu:
+            if i not in folded:
+                self._set_folds(i, end, folded)
                 layer.forward(bottoms, tops)
             for weight, top in zip(layer.loss_weights, tops):
                 if weight:
@@ -325,6 +347,43 @@ class Net:
                     self._buffer_pool.give(blob)
                     _release(blob)
         return loss
+
+    def _set_folds(self, i, end, folded):
+        """Tell layer ``i`` which of the layers after it (up to ``end``) its forward runs, and
+        add those to ``folded``: an in-place ReLU (``fused_relu``), or for a BatchNorm the Scale
+        after it (``fused_scale``) and that Scale's ReLU."""
+        layer = self.layers[i]
+        relu = self._relu_folds.get(i)
+        if relu is not None:
+            layer.fused_relu = relu <= end
+            if layer.fused_relu:
+                folded.add(relu)
+        scale = self._scale_folds.get(i)
+        if scale is not None:
+            layer.fused_scale = None
+            if scale <= end:
+                self.layers[scale].reshape(self._bottoms[scale], self._tops[scale])
+                layer.fused_scale = self.layers[scale]
+                folded.add(scale)
+                self._set_folds(scale, end, folded)
+
+    def _backward_folded(self, i, end):
+        """Run the backward of a BatchNorm -> Scale (-> ReLU) group that ends at layer ``i`` as
+        one (``BatchNormLayer.backward_with_scale``) when its forward ran folded, the group lies
+        within the range and all of it needs backward; return the group's first index, or None."""
+        norm_index = self._scale_fold_ends.get(i)
+        if norm_index is None or norm_index < end:
+            return None
+        scale_index = self._scale_folds[norm_index]
+        norm, scale = self.layers[norm_index], self.layers[scale_index]
+        relu = scale_index in self._relu_folds and scale.fused_relu
+        if norm.fused_scale is not scale or i != (self._relu_folds[scale_index] if relu else scale_index):
+            return None
+        if not all(self._layer_need_backward[j] and self._bottom_need_backward[j][0]
+                   for j in range(norm_index, i + 1)):
+            return None
+        norm.backward_with_scale(self._tops[scale_index], self._bottoms[norm_index], relu)
+        return norm_index
 
     # -- memory-saving inference -----------------------------------------------------
     @property
@@ -373,9 +432,15 @@ class Net:
         if self.memory_saving:
             raise NetError(f"net '{self.name}' is in memory-saving inference mode, which frees the "
                            f"data backward needs: set net.memory_saving = False and run forward again")
-        for i in range(start, end - 1, -1):
+        i = start
+        while i >= end:
+            first = self._backward_folded(i, end)
+            if first is not None:
+                i = first - 1
+                continue
             if self._layer_need_backward[i]:
                 self.layers[i].backward(self._tops[i], self._bottom_need_backward[i], self._bottoms[i])
+            i -= 1
 
     def forward(self, blobs=None, start=None, end=None, **kwargs):
         """pycaffe's forward: set inputs from keyword arrays, run, return {output: array}.

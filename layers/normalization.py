@@ -9,7 +9,7 @@ import numpy as np
 from framework.blob import Blob
 from framework.fillers import fill
 from framework.layer import Layer, register_layer
-from layers.parallel import in_blocks
+from layers.parallel import in_blocks, row_broadcast
 
 TEST = 1  # caffe_pb2.Phase.TEST
 
@@ -17,6 +17,11 @@ TEST = 1  # caffe_pb2.Phase.TEST
 # ---------------------------------------------------------------------------
 # BatchNorm
 # ---------------------------------------------------------------------------
+
+def _per_row(values, repeats):
+    """(C,) values as a column with one entry per row of an (N·C, spatial) view."""
+    return np.tile(values, repeats).reshape(-1, 1)
+
 
 def _channel_view(array, channels):
     """View an (N, C, ...) array (or a 1-D (N,) one, C == 1) as (N, C, spatial)."""
@@ -67,6 +72,9 @@ class BatchNormLayer(Layer):
                                  f"{self.channels} channels need {[e[0] for e in expected]}")
         self._mask_statistics_from_learning()
         self._x_norm = None  # normalised output kept for the batch-statistics backward
+        # Set by the net for a forward that also runs the in-place Scale right after this
+        # layer (and the ReLU after that, if ``fused_relu``): see can_fold_scale.
+        self.fused_scale = None
 
     def _mask_statistics_from_learning(self):
         """batch_norm_layer.cpp: statistics get lr_mult 0; a non-zero lr_mult is an error."""
@@ -88,11 +96,73 @@ class BatchNormLayer(Layer):
         if top[0] is not bottom[0]:
             top[0].reshape(shape)
 
+    def can_fold_scale(self, scale):
+        """Whether this layer's forward and backward can run ``scale`` (a ScaleLayer working in
+        place on this layer's top) in the same passes: batch statistics, and one gamma (and beta)
+        value per channel, learned by the Scale (one bottom)."""
+        p = scale.layer_param.scale_param
+        return (not self.use_global_stats and p.axis == 1 and p.num_axes == 1
+                and len(scale.blobs) == 1 + scale.bias_term
+                and all(b.shape == (self.channels,) for b in scale.blobs))
+
     def forward(self, bottom, top):
         x = bottom[0].data
         dtype = x.dtype
         x3 = _channel_view(x, self.channels)
         y3 = _channel_view(top[0].data, self.channels)
+        with row_broadcast(x3.shape[2]):
+            if self.fused_scale is not None:
+                self._normalize_and_scale(x3, y3, dtype)
+            else:
+                self._normalize(x3, y3, dtype)
+
+    def _normalize_and_scale(self, x3, y3, dtype):
+        """Batch statistics, then y = gamma * x_norm + beta (then max(y, 0) if the Scale's
+        ``fused_relu``): the BatchNorm -> Scale -> ReLU of ResNet training in three memory passes
+        over cache-sized blocks of (N·C, spatial) rows instead of about ten.  x_norm is kept for
+        backward and shared with the Scale as its saved input.  Same operations as the layers one
+        by one, except that the squared deviations are summed per row first (float32 round-off)."""
+        scale = self.fused_scale
+        n, c, s = x3.shape
+        m = n * s
+        mean = x3.mean(axis=(0, 2))
+        x2, y2 = x3.reshape(n * c, s), y3.reshape(n * c, s)
+        row_squares = np.empty(n * c, dtype)
+
+        def centre(y, x, mean_col, squares):
+            np.subtract(x, mean_col, out=y)
+            np.einsum("rs,rs->r", y, y, out=squares)
+
+        in_blocks(centre, [y2, x2, _per_row(mean, n), row_squares])
+        var = row_squares.reshape(n, c).sum(axis=0) / dtype.type(m)
+        self._update_running_stats(mean, var, m=m)
+        std = np.sqrt(var + dtype.type(self.eps))
+        self._std = std
+        keep = self.backward_needed
+        if keep:
+            if self._x_norm is None or self._x_norm.shape != y3.shape or self._x_norm.dtype != dtype:
+                self._x_norm = np.empty_like(y3)
+            norm2 = self._x_norm.reshape(n * c, s)
+        else:
+            self._x_norm = None
+            norm2 = y2
+        relu = scale.fused_relu
+        columns = [_per_row(std, n)] + [_per_row(b.data.astype(dtype, copy=False).reshape(-1), n)
+                                        for b in scale.blobs]
+
+        def normalise(y, norm, std_col, gamma_col, beta_col=None):
+            np.divide(y, std_col, out=norm)
+            np.multiply(norm, gamma_col, out=y)
+            if beta_col is not None:
+                y += beta_col
+            if relu:
+                np.maximum(y, 0, out=y)
+
+        in_blocks(normalise, [y2, norm2] + columns)
+        scale._x = self._x_norm  # the Scale's input, for its own backward
+
+    def _normalize(self, x3, y3, dtype):
+        """y = (x - mu) / std over (N, C, spatial) views; keeps std (and x_norm) for backward."""
         if self.use_global_stats:
             mean, var = self._global_stats(dtype)
             np.subtract(x3, mean[:, None], out=y3)  # elementwise: safe in place
@@ -100,7 +170,7 @@ class BatchNormLayer(Layer):
             mean = x3.mean(axis=(0, 2))
             np.subtract(x3, mean[:, None], out=y3)  # x is not read again: safe in place
             var = np.einsum("ncs,ncs->c", y3, y3) / dtype.type(y3.size // self.channels)
-            self._update_running_stats(mean, var, m=x.size // self.channels)
+            self._update_running_stats(mean, var, m=x3.size // self.channels)
         std = np.sqrt(var + dtype.type(self.eps))
         y3 /= std[:, None]
         # batch_norm_layer.cpp caches x_norm, as later in-place layers may clobber the top;
@@ -133,14 +203,63 @@ class BatchNormLayer(Layer):
         v_sum *= lam
         v_sum += (correction * var.astype(v_sum.dtype, copy=False)).reshape(v_sum.shape)
 
+    def backward_with_scale(self, top, bottom, relu):
+        """The backward of the ReLU (if ``relu``), the folded Scale and this layer in two passes,
+        after a forward that ran them folded (``fused_scale``).  ``top`` is the shared blob (its
+        diff the gradient of the last of them), ``bottom`` this layer's.  The Scale's parameter
+        gradients accumulate as in its own backward; the BatchNorm terms use
+        mean(gamma·dy) = gamma·mean(dy) (float32 round-off apart, the layers' own numbers)."""
+        scale = self.fused_scale
+        dy3 = _channel_view(top[0].diff, self.channels)
+        n, c, s = dy3.shape
+        dy2 = dy3.reshape(n * c, s)
+        dx2 = _channel_view(bottom[0].diff, self.channels).reshape(n * c, s)
+        norm2 = self._x_norm.reshape(n * c, s)
+        dtype = dy2.dtype
+        row_dy, row_dy_norm = np.empty(n * c, dtype), np.empty(n * c, dtype)
+
+        def sums(dy, norm, sum_dy, sum_dy_norm, y=None):
+            if y is not None:  # the ReLU's backward, as ReLULayer does it
+                with np.errstate(invalid="ignore", over="ignore"):
+                    np.multiply(dy, y > 0, out=dy)
+            np.add.reduce(dy, axis=1, out=sum_dy)
+            np.einsum("rs,rs->r", dy, norm, out=sum_dy_norm)
+
+        relu_input = [top[0].data.reshape(n * c, s)] if relu else []
+        in_blocks(sums, [dy2, norm2, row_dy, row_dy_norm] + relu_input)
+        sum_dy = row_dy.reshape(n, c).sum(axis=0)
+        sum_dy_norm = row_dy_norm.reshape(n, c).sum(axis=0)
+        gamma_blob = scale.blobs[0]
+        gamma_blob.diff[...] += sum_dy_norm.reshape(gamma_blob.shape)
+        if scale.bias_term:
+            scale.blobs[1].diff[...] += sum_dy.reshape(scale.blobs[1].shape)
+        gamma = gamma_blob.data.astype(dtype, copy=False).reshape(-1)
+        inv_m = dtype.type(1.0 / (n * s))
+        columns = [_per_row(v, n) for v in (gamma, gamma * sum_dy * inv_m,
+                                            gamma * sum_dy_norm * inv_m, self._std)]
+
+        def gradient(dx, dy, norm, gamma_col, mean_col, mean_norm_col, std_col):
+            # (gamma·dy - mean(gamma·dy) - x_norm·mean(gamma·dy·x_norm)) / std; dx may be dy
+            term = norm * mean_norm_col
+            np.multiply(dy, gamma_col, out=dx)
+            dx -= mean_col
+            dx -= term
+            dx /= std_col
+
+        with row_broadcast(s):
+            in_blocks(gradient, [dx2, dy2, norm2] + columns)
+
     def backward(self, top, propagate_down, bottom):
         if not propagate_down[0]:
             return
         dy3 = _channel_view(top[0].diff, self.channels)
         dx3 = _channel_view(bottom[0].diff, self.channels)
-        std = self._std[:, None]
+        with row_broadcast(dy3.shape[2]):
+            self._backward(dy3, dx3)
+
+    def _backward(self, dy3, dx3):
         if self.use_global_stats:
-            np.divide(dy3, std, out=dx3)
+            np.divide(dy3, self._std[:, None], out=dx3)
             return
         y3 = self._x_norm
         inv_m = dy3.dtype.type(1.0 / (dy3.size // self.channels))
@@ -148,10 +267,16 @@ class BatchNormLayer(Layer):
         mean_dy_y = np.einsum("ncs,ncs->c", dy3, y3) * inv_m
         # (dy - mean_dy - y * mean_dy_y) / std, in the same order, written into dx; in place
         # dx is dy, which the statistics above have already read
-        y_term = y3 * mean_dy_y[:, None]
-        np.subtract(dy3, mean_dy[:, None], out=dx3)
-        dx3 -= y_term
-        dx3 /= std
+        n, c, s = dy3.shape
+        columns = [_per_row(v, n) for v in (mean_dy, mean_dy_y, self._std)]
+
+        def gradient(dx, dy, y, mean_col, mean_y_col, std_col):
+            term = y * mean_y_col
+            np.subtract(dy, mean_col, out=dx)
+            dx -= term
+            dx /= std_col
+
+        in_blocks(gradient, [dx3.reshape(n * c, s), dy3.reshape(n * c, s), y3.reshape(n * c, s)] + columns)
 
 
 # ---------------------------------------------------------------------------
@@ -380,7 +505,8 @@ def _scale_bias_relu(x2, gamma, beta, outer, y2):
             y += b
         np.maximum(y, 0, out=y)
 
-    in_blocks(block, [y2, x2] + columns)
+    with row_broadcast(x2.shape[1]):
+        in_blocks(block, [y2, x2] + columns)
 
 
 @register_layer("Scale")
@@ -453,12 +579,14 @@ class ScaleLayer(Layer):
             _scale_bias_relu(x.reshape(outer * dim, inner), gamma.reshape(-1), beta, outer,
                              y3.reshape(outer * dim, inner))
             return
-        np.multiply(x.reshape(outer, dim, inner), gamma, out=y3)
+        with row_broadcast(inner):
+            np.multiply(x.reshape(outer, dim, inner), gamma, out=y3)
         if self.bias_term:
             b_outer, b_dim, b_inner = self._bias_dims
             beta = self.blobs[-1].data.astype(x.dtype, copy=False).reshape(1, b_dim, 1)
             y3b = top[0].data.reshape(b_outer, b_dim, b_inner)
-            y3b += beta
+            with row_broadcast(b_inner):
+                y3b += beta
         if self.fused_relu:
             np.maximum(y3, 0, out=y3)
 
@@ -484,7 +612,8 @@ class ScaleLayer(Layer):
         if propagate_down[0]:
             g = gamma.data.astype(dy.dtype, copy=False).reshape(1, dim, 1)
             # in place, dx is dy, read above for the parameter gradients
-            np.multiply(dy3, g, out=bottom[0].diff.reshape(outer, dim, inner))
+            with row_broadcast(inner):
+                np.multiply(dy3, g, out=bottom[0].diff.reshape(outer, dim, inner))
 
 
 @register_layer("Bias")
@@ -526,7 +655,8 @@ class BiasLayer(Layer):
         x = bottom[0].data
         outer, dim, inner = self._dims
         b = self._bias(bottom).data.astype(x.dtype, copy=False).reshape(1, dim, 1)
-        np.add(x.reshape(outer, dim, inner), b, out=top[0].data.reshape(outer, dim, inner))
+        with row_broadcast(inner):
+            np.add(x.reshape(outer, dim, inner), b, out=top[0].data.reshape(outer, dim, inner))
 
     def backward(self, top, propagate_down, bottom):
         dy = top[0].diff
