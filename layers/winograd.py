@@ -18,8 +18,8 @@ any group count, float32 or float64):
   of tile rows, one transposing copy of the input into a zero-padded buffer
   split by row/column parity, then 8 + 16 slab adds (tile-column then
   tile-row neighbours are whole slabs apart), no per-tile loop.
-* filter transform G g Gᵀ: separable adds in float64 over chunks of filters,
-  rounded once, cached per weight array (see "Filter cache").
+* filter transform G g Gᵀ: one GEMM with G ⊗ G, cached per weight array
+  (see "Filter cache").
 * 16 GEMMs (one ``np.matmul`` over the stack, per group):
   M[p] (tiles, K) = V[p] (tiles, C) · U[p]ᵀ, the images side by side.
 * output transform Aᵀ M A in place in M (24 slab adds), then one transposing
@@ -53,8 +53,8 @@ same accuracy; the weight gradient stays on im2col.
 Filter cache: solvers update the weights in place, so the array identity
 alone cannot tell stale weights.  Each cache entry keeps a copy of the weights
 it was computed from and is used only if ``np.array_equal(copy, weights)``;
-the comparison reads the weights twice (~0.6 ms for 512x512x3x3 float32,
-against ~20 ms to redo the transform), and is exact, unlike a checksum.  A
+the comparison reads the weights twice (~0.6-0.8 ms for 512x512x3x3 float32,
+against ~1.2 ms to redo the transform), and is exact, unlike a checksum.  A
 weight array's entry disappears with the array (weak reference).  Memory: the
 copy plus the transformed filter are 25/9 of the 3x3 weights (≈125 MB for
 ResNet-50); :func:`clear_cache` frees it.
@@ -136,53 +136,21 @@ def use_winograd(x, weights, geom):
 
 # -- filter transform and its cache -------------------------------------------------
 
-#: Output channels per chunk of the filter transform: its float64 intermediates then stay
-#: in cache (one (K·C, 9) x (9, 16) product took 54 ms for 512x512x3x3 filters, mostly
-#: writing and re-reading a 300 MB intermediate; training redoes it every iteration).
-FILTER_CHUNK_BYTES = 2 << 20
-
-
-def _g_rows(g0, g1, g2, out):
-    """The four rows of G·(g0; g1; g2): g0, (g0 + g1 + g2)/2, (g0 − g1 + g2)/2, g2."""
-    np.copyto(out[0], g0)
-    np.add(g0, g2, out=out[1])
-    np.subtract(out[1], g1, out=out[2])
-    out[1] += g1
-    out[1] *= 0.5
-    out[2] *= 0.5
-    np.copyto(out[3], g2)
-
-
 def filter_transform(weights, group, dtype=None):
-    """The transformed filters U = G g Gᵀ, laid out for the GEMMs: (16, groups, C/G, K/G).
+    """The transformed filters U = G g Gᵀ for the GEMMs: (16, groups, K/G, C/G), U[p] per group.
 
-    Axis 0 is the position p = 4i + j in the 4x4 transformed tile; each
-    (C/G, K/G) matrix is U[p] transposed.  ``weights`` (K, C/G, 3, 3).
-    Computed in float64 (G's entries are 0, ±1/2, 1: each value is a sum of at
-    most 9 filter taps) and rounded once to ``dtype`` (default the weights'),
-    in chunks of output channels.
+    Axis 0 is the position p = 4i + j in the 4x4 transformed tile.  ``weights``
+    (K, C/G, 3, 3).  One GEMM, (G ⊗ G) (16, 9) · taps (9, K·C/G), in the weights'
+    precision: G's entries are 0, ±1/2 and 1, so each value is a sum of at most 9
+    exactly scaled taps (in float32 within 1.2e-7 of the exact value, relative to the
+    largest).  Training redoes it every iteration (512x512x3x3: 1.2 ms; it was 18.6 ms
+    as separable adds in float64 with a transposing copy into a (C, K) layout).
     """
     k, cg = weights.shape[:2]
     dtype = weights.dtype if dtype is None else np.dtype(dtype)
-    u = np.empty((16, group, cg, k // group), dtype=dtype)
-    per_group = k // group
-    step = max(1, FILTER_CHUNK_BYTES // (cg * 16 * 8))
-    rows = np.empty((4, step, cg, 3), dtype=np.float64)      # G g, one row i per slab
-    full = np.empty((4, 4, step, cg), dtype=np.float64)     # G g Gᵀ as [i, j, filter, channel]
-    for k0 in range(0, k, step):
-        k1 = min(k, k0 + step)
-        g = weights[k0:k1].astype(np.float64)
-        r = rows[:, :k1 - k0]
-        _g_rows(g[:, :, 0, :], g[:, :, 1, :], g[:, :, 2, :], r)       # over the kernel rows
-        f = full[:, :, :k1 - k0]
-        for i in range(4):
-            _g_rows(r[i, ..., 0], r[i, ..., 1], r[i, ..., 2], f[i])   # over the kernel columns
-        # filter k (group k // per_group, column k % per_group) goes to u[4i + j, group, c, column]
-        for grp in range(k0 // per_group, (k1 - 1) // per_group + 1):
-            a, b = max(k0, grp * per_group), min(k1, (grp + 1) * per_group)
-            np.copyto(u[:, grp, :, a - grp * per_group:b - grp * per_group],
-                      f[:, :, a - k0:b - k0].reshape(16, b - a, cg).swapaxes(1, 2))
-    return u
+    taps = weights.reshape(k * cg, 9)
+    u = np.matmul(_GG.astype(taps.dtype), taps.T)
+    return u.reshape(16, group, k // group, cg).astype(dtype, copy=False)
 
 
 _cache = {}
@@ -410,7 +378,7 @@ def conv_backward_data(dy, weights, geom, dx):
 
 def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):
     """out (n, k, *out_shape) from x (n, c, H, W) and transformed filters ``u``
-    (16, G, C_in/G, C_out/G), or, if ``transposed``, a forward's u used as the filters of the
+    (16, G, C_out/G, C_in/G), or, if ``transposed``, a forward's u used as the filters of the
     input gradient (position p takes u[_MIRROR[p]] transposed)."""
     n, c = x.shape[:2]
     ho, wo = out_shape
@@ -423,10 +391,10 @@ def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):
     vs = _view(v, (16, tiles, g, c // g)).swapaxes(1, 2)
     ms = _view(m, (16, tiles, g, k // g)).swapaxes(1, 2)
     if not transposed:
-        np.matmul(vs, u, out=ms)
+        np.matmul(vs, u.swapaxes(-1, -2), out=ms)
     else:
         for p in range(16):
-            np.matmul(vs[p], u[_MIRROR[p]].swapaxes(-1, -2), out=ms[p])
+            np.matmul(vs[p], u[_MIRROR[p]], out=ms[p])
     y = _view(out, (n, k, ho, wo))
     _over_blocks(lambda *block: _output_transform(m, y, bias, relu, *block), n, th, 16 * tw * k * x.itemsize)
     return out
