@@ -47,7 +47,8 @@ formulation and summation order, e.g. to compare with Caffe to the last bits.
 Input gradient (:func:`conv_backward_data`): dx is the convolution of dy, padded
 by 2 − pad, with the filters transposed (K <-> C) and flipped; the flipped
 filters' transform is the forward's at mirrored positions, so the cached U
-serves both (the 16 GEMMs then take U[mirror(p)] transposed).  Same transforms,
+serves both (the forward's GEMMs take U[p] transposed, the gradient's U[mirror(p)]
+as stored).  Same transforms,
 same accuracy; the weight gradient stays on im2col.
 
 Filter cache: solvers update the weights in place, so the array identity
@@ -379,7 +380,7 @@ def conv_backward_data(dy, weights, geom, dx):
 def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):
     """out (n, k, *out_shape) from x (n, c, H, W) and transformed filters ``u``
     (16, G, C_out/G, C_in/G), or, if ``transposed``, a forward's u used as the filters of the
-    input gradient (position p takes u[_MIRROR[p]] transposed)."""
+    input gradient (position p takes u[_MIRROR[p]] as stored, the forward u[p] transposed)."""
     n, c = x.shape[:2]
     ho, wo = out_shape
     th, tw = (ho + 1) // 2, (wo + 1) // 2
