@@ -497,7 +497,7 @@ def _scale_bias_relu(x2, gamma, beta, outer, y2):
     """y2 = max(x2 * gamma (+ beta), 0) row by row: x2, y2 (outer·dim, inner), gamma and beta
     (dim,) repeated over the ``outer`` blocks of rows; the same multiply and add as the unfolded
     forward, in blocks of rows that stay in cache (:func:`layers.parallel.in_blocks`; y2 may be x2)."""
-    columns = [np.tile(v.reshape(-1), outer).reshape(-1, 1) for v in (gamma, beta) if v is not None]
+    columns = [_per_row(v.reshape(-1), outer) for v in (gamma, beta) if v is not None]
 
     def block(y, x, g, b=None):
         np.multiply(x, g, out=y)
