@@ -23,3 +23,6 @@ from .solvers import (AdaDeltaSolver, AdaGradSolver, AdamSolver, NesterovSolver,
 
 # pycaffe's caffe.Classifier (image preprocessing in framework.io.Transformer).
 from .classifier import Classifier  # noqa: E402
+
+# Inference with the batch split over one net replica per core.
+from .data_parallel import DataParallelNet  # noqa: E402

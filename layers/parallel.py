@@ -27,8 +27,28 @@ _pool = None
 _pool_threads = None
 
 
+_thread_state = threading.local()
+
+
+@contextlib.contextmanager
+def one_thread_per_pass():
+    """Within the block, this thread's passes are not split over the shared pool: for callers
+    that already run one share of the work on each core (framework.data_parallel)."""
+    previous = getattr(_thread_state, "alone", False)
+    _thread_state.alone = True
+    try:
+        yield
+    finally:
+        _thread_state.alone = previous
+
+
 def copy_threads():
-    """Threads for memory-bound passes: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS if set, else all cores."""
+    """Threads for memory-bound passes: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS if set, else all
+    cores; 1 inside :func:`one_thread_per_pass`."""
+    return 1 if getattr(_thread_state, "alone", False) else _configured_threads()
+
+
+def _configured_threads():
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "")
         if value.isdigit() and int(value) > 0:
@@ -39,7 +59,7 @@ def copy_threads():
 def executor():
     """The shared pool (``copy_threads() - 1`` workers; the caller is the last) and the thread count."""
     global _pool, _pool_threads
-    threads = copy_threads()
+    threads = _configured_threads()
     with _pool_lock:
         if _pool is None or _pool_threads != threads:
             if _pool is not None:
