@@ -236,7 +236,8 @@ class Case:
 
     # -- one run of each side ------------------------------------------------------
     def sides(self):
-        """{side name: runner}: "ours", "ours*" (inference: folded + memory saving), "torch"."""
+        """{side name: runner}: "ours", "ours*" (inference: folded + memory saving, batch split
+        over threads), "torch"."""
         out = {"ours": self.run_ours}
         if self.fast_net is not None:
             out["ours*"] = self.run_ours_fast
@@ -329,7 +330,9 @@ def time_case(case, repeats, gap):
 
 def make_fast_net(net, param):
     """A second Net for ``param`` (built as ``net``, sharing its weights), with BatchNorm/Scale
-    folded into the convolutions when it has any (framework.fuse) and memory_saving on."""
+    folded into the convolutions when it has any (framework.fuse) and memory_saving on; for a
+    batch of more than one image, wrapped in a framework.DataParallelNet (one replica per BLAS
+    thread).  Either has ``forward(**inputs)`` returning the outputs."""
     import framework
 
     if any(layer.type == "BatchNorm" for layer in net.layers):
@@ -339,7 +342,8 @@ def make_fast_net(net, param):
         fast = framework.Net(param)
         fast.share_trained_layers_with(net)
     fast.memory_saving = True
-    return fast
+    batch = fast.blobs[fast.inputs[0]].shape[0]
+    return framework.DataParallelNet(fast) if batch > 1 else fast
 
 
 # -- memory (subprocesses) ----------------------------------------------------------
@@ -469,7 +473,8 @@ def print_report(info, results, stream=sys.stdout):
         w(f"load average (1, 5, 15 min) at start: {info['loadavg_start']}, at end: {info.get('loadavg_end', '?')} "
           f"(other processes share these {info['cores']} cores)\n")
     w(f"PyTorch: {info.get('torch', 'not run: ' + info.get('torch_missing', ''))}\n")
-    w("ours* = the same net with BatchNorm/Scale folded into the convolutions and memory_saving on\n")
+    w("ours* = the same net with BatchNorm/Scale folded into the convolutions and memory_saving on;\n"
+      "        batches of more than one image split over one replica per thread (DataParallelNet)\n")
     w(f"{'case':<18} {'side':<6} {'median ms':>10} {'ours/torch':>10} {'target':>7} {'GFLOP/s':>8} "
       f"{'peak MiB':>9} {'agreement with torch (rel diff)':>32}\n")
     for name, r in results.items():
