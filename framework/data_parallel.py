@@ -13,14 +13,24 @@ layout or BLAS blocking than the whole batch.
     fast = framework.DataParallelNet(net)          # threads: the BLAS thread count
     probs = fast.forward(data=batch)["prob"]
 
-Inference only, for nets fed through Input blobs whose first axis is the batch.
-While ``forward`` runs, NumPy's BLAS is held to one thread in the whole process
-(threadpoolctl); run other BLAS work elsewhere meanwhile at a loss of speed only.
+For nets fed through Input blobs whose first axis is the batch.  While they run,
+NumPy's BLAS is held to one thread in the whole process (threadpoolctl); other
+BLAS work elsewhere meanwhile only loses speed.
+
+Training: :class:`DataParallelTraining` (``enable_training(net)``) does the same
+for ``net.forward_backward()`` (what solvers call): the replicas' BatchNorm
+layers take their batch statistics over the whole batch (per-channel sums
+exchanged between the threads), their losses are weighted by their share of the
+images, and their parameter gradients are added into the net's, so a step
+computes the whole batch's numbers, float32 round-off apart.
 """
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .blob import Blob
 from .errors import NetError
 
 
@@ -112,3 +122,219 @@ def _replica_param(net, threads):
                 if len(shape.dim):
                     shape.dim[0] = -(-shape.dim[0] // threads)
     return param
+
+
+# -- training -----------------------------------------------------------------------
+
+#: How long a replica polls for the others at a batch-statistics exchange before sleeping.
+SPIN_SECONDS = 2e-3
+
+
+class _AllSum:
+    """Totals of one small array over ``parties`` threads, the same numbers on each: every
+    thread adds the parts in rank order.  Two sets of slots, used in turn, so one wait per
+    call suffices (a thread can refill a set only after all have read it)."""
+
+    def __init__(self, parties):
+        self.parties = parties
+        self._slots = [[None] * parties, [None] * parties]
+        self._turn = [0] * parties
+        self._arrived = [0] * parties   # calls each rank has reached
+        self._broken = False
+
+    def all_sum(self, rank, partial):
+        slots = self._slots[self._turn[rank]]
+        self._turn[rank] ^= 1
+        slots[rank] = partial
+        self._wait(rank)
+        total = slots[0].copy()
+        for part in slots[1:]:
+            total += part
+        return total
+
+    def _wait(self, rank):
+        """Until every rank has reached this call.  Polls, yielding the GIL, for up to SPIN_SECONDS
+        (a blocked thread's idle core can take ~0.5 ms to wake on a virtual machine), then
+        sleeps in short steps."""
+        self._arrived[rank] += 1
+        target = self._arrived[rank]
+        start = time.perf_counter()
+        while min(self._arrived) < target:
+            if self._broken:
+                raise threading.BrokenBarrierError
+            time.sleep(0 if time.perf_counter() - start < SPIN_SECONDS else 1e-4)
+
+    def abort(self):
+        """Make every waiting thread raise BrokenBarrierError (one replica failed)."""
+        self._broken = True
+
+    def reset(self):
+        self._turn = [0] * self.parties
+        self._arrived = [0] * self.parties
+        self._broken = False
+
+
+#: Loss layers whose normalizer is proportional to the batch (mode -> True) or 1 (False):
+#: a replica's loss and gradients then count ``images / batch`` (or 1) of the whole batch's.
+_BATCH_PROPORTIONAL_LOSSES = ("SoftmaxWithLoss", "EuclideanLoss")
+
+
+def _loss_share_rule(layer):
+    """True: the layer's loss is a mean over the batch; False: a sum; raises otherwise."""
+    from layers.loss import BATCH_SIZE, FULL, NONE, VALID
+
+    if layer.type == "EuclideanLoss":
+        return True
+    if layer.type == "SoftmaxWithLoss":
+        if layer.normalization == NONE:
+            return False
+        if layer.normalization in (FULL, BATCH_SIZE) or (layer.normalization == VALID
+                                                         and layer.ignore_label is None):
+            return True
+    raise NetError(f"layer '{layer.name}' ({layer.type}) has a loss that DataParallelTraining cannot "
+                   f"split over the batch: supported are {', '.join(_BATCH_PROPORTIONAL_LOSSES)} "
+                   f"(SoftmaxWithLoss without ignore_label, unless normalization is BATCH_SIZE or NONE)")
+
+
+class DataParallelTraining:
+    """``net.forward_backward()`` with the batch split over ``threads`` replicas of ``net``.
+
+    The replicas share ``net``'s parameter values (not its gradients: each has its own
+    diffs, added into ``net``'s after the step).  ``net``'s Input blobs hold the batch, as
+    a solver or the caller sets them; ``net``'s scalar outputs get the batch's values, its
+    other layers' blobs are not computed.  Data layers (the replicas would each read the
+    source) and losses not averaged over the batch are refused, naming the layer.  Batches
+    smaller than ``threads`` run on ``net`` itself.  Use :func:`enable_training`.
+    """
+
+    def __init__(self, net, threads=None):
+        from threadpoolctl import ThreadpoolController
+
+        from .net import Net
+
+        self.net = net
+        self.threads = max(1, int(threads or _blas_threads()))
+        if not net.inputs:
+            raise NetError(f"net '{net.name}' has no input blobs for DataParallelTraining to split")
+        for layer, bottoms in zip(net.layers, net._bottom_name_lists):
+            if not bottoms and layer.type != "Input":
+                raise NetError(f"layer '{layer.name}' ({layer.type}) makes its own data: DataParallelTraining "
+                               f"needs a net fed through Input blobs")
+        param = _replica_param(net, self.threads)
+        self.replicas = [Net(param) for _ in range(self.threads)]
+        self._shared = {}  # id(net blob) -> (net blob, [its stand-in in each replica])
+        for replica in self.replicas:
+            own = {}
+            for layer, source in zip(replica.layers, net.layers):
+                for j, blob in enumerate(source.blobs):
+                    if id(blob) not in own:
+                        own[id(blob)] = Blob(blob.shape, dtype=blob.dtype)
+                        self._shared.setdefault(id(blob), (blob, []))[1].append(own[id(blob)])
+                    layer.blobs[j] = own[id(blob)]
+            replica._collect_params()
+        self._sync = _AllSum(self.threads)
+        self._loss_rules = {}
+        for rank, replica in enumerate(self.replicas):
+            for i, layer in enumerate(replica.layers):
+                if layer.type == "BatchNorm":
+                    layer.stats_sync = (self._sync, rank)
+                if any(layer.loss_weights):
+                    self._loss_rules[i] = _loss_share_rule(layer)
+        self._base_loss_weights = {i: list(self.replicas[0].layers[i].loss_weights) for i in self._loss_rules}
+        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="net-replica") \
+            if self.threads > 1 else None
+        self._blas = ThreadpoolController()
+
+    def forward_backward(self):
+        """One forward and backward of the whole batch in ``net``'s Input blobs; returns the
+        loss and adds the parameter gradients into ``net``'s diffs (as Net.forward_backward)."""
+        net = self.net
+        batch = net.blobs[net.inputs[0]].shape[0]
+        if any(net.blobs[name].shape[:1] != (batch,) for name in net.inputs):
+            raise NetError(f"the inputs of net '{net.name}' need the same batch size on axis 0 to be "
+                           f"split over threads (got {[net.blobs[n].shape for n in net.inputs]})")
+        if batch < self.threads:
+            return _plain_forward_backward(net)
+        bounds = [batch * k // self.threads for k in range(self.threads + 1)]
+        shares = [(bounds[k + 1] - bounds[k]) / batch for k in range(self.threads)]
+        for rank, replica in enumerate(self.replicas):
+            for name in net.inputs:
+                part = net.blobs[name].data[bounds[rank]:bounds[rank + 1]]
+                replica.blobs[name].reshape(part.shape)
+                replica.blobs[name].data[...] = part
+            for i, mean_over_batch in self._loss_rules.items():
+                factor = shares[rank] if mean_over_batch else 1.0
+                replica.layers[i].loss_weights = [w * factor for w in self._base_loss_weights[i]]
+        for blob, stand_ins in self._shared.values():
+            for stand_in in stand_ins:
+                stand_in.share_data(blob)  # the solver may have replaced an array
+                if stand_in.has_diff:
+                    stand_in.diff[...] = 0
+        self._sync.reset()
+
+        def run(rank):
+            from layers.parallel import one_thread_per_pass
+            try:
+                with one_thread_per_pass():
+                    return self.replicas[rank].forward_backward()
+            except BaseException:
+                self._sync.abort()
+                raise
+
+        with self._blas.limit(limits=1, user_api="blas"):
+            futures = [self._pool.submit(run, rank) for rank in range(1, self.threads)]
+            losses, errors = [], []
+            for get in [lambda: run(0)] + [f.result for f in futures]:
+                try:
+                    losses.append(get())
+                except threading.BrokenBarrierError as e:
+                    errors.append(e)
+                except BaseException as e:
+                    errors.insert(0, e)
+        if errors:
+            raise errors[0]
+        for blob, stand_ins in self._shared.values():
+            diffs = [s.diff for s in stand_ins if s.has_diff]
+            if diffs:
+                total = blob.diff
+                for d in diffs:
+                    total += d
+        self._gather_outputs(shares)
+        return float(sum(losses))
+
+    def _gather_outputs(self, shares):
+        """``net``'s scalar outputs: losses summed as weighted, others averaged by share."""
+        net = self.net
+        producers = {}
+        for i, names in enumerate(net._top_name_lists):
+            for name in names:
+                producers[name] = i
+        for name in net.outputs:
+            values = [r.blobs[name].data for r in self.replicas]
+            if any(v.size != 1 for v in values) or net.blobs[name].data.size != 1:
+                continue
+            i = producers.get(name)
+            if i in self._loss_rules and not self._loss_rules[i]:
+                total = sum(float(v.reshape(-1)[0]) for v in values)
+            else:
+                total = sum(f * float(v.reshape(-1)[0]) for f, v in zip(shares, values))
+            net.blobs[name].data[...] = total
+
+
+def _plain_forward_backward(net):
+    """The net's own forward_backward, bypassing its DataParallelTraining."""
+    loss = net.forward_loss()
+    net.backward_from_to(len(net.layers) - 1, 0)
+    return loss
+
+
+def enable_training(net, threads=None):
+    """Make ``net.forward_backward()`` (and so a solver's step) split each batch over
+    ``threads`` replicas (default: the BLAS thread count); returns the
+    :class:`DataParallelTraining`.  ``disable_training(net)`` undoes it."""
+    net.data_parallel = DataParallelTraining(net, threads) if (threads or _blas_threads()) > 1 else None
+    return net.data_parallel
+
+
+def disable_training(net):
+    net.data_parallel = None

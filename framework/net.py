@@ -198,6 +198,7 @@ class Net:
             for j, name in enumerate(names):
                 if layer.loss(j):
                     self.output_loss_weights[name] = self.output_loss_weights.get(name, 0.0) + layer.loss(j)
+        self.data_parallel = None  # framework.data_parallel.enable_training
         self._relu_folds = self._plan_relu_folds()
         self._scale_folds = self._plan_scale_folds()
         # last layer of each folded group (the Scale, or the ReLU folded into it) -> BatchNorm
@@ -492,7 +493,11 @@ class Net:
         return {name: self.blobs[name].diff for name in names}
 
     def forward_backward(self):
-        """Forward then backward over the whole net; return the loss (Caffe's ForwardBackward)."""
+        """Forward then backward over the whole net; return the loss (Caffe's ForwardBackward).
+        With ``data_parallel`` set (framework.data_parallel.enable_training), the batch is split
+        over its replicas instead."""
+        if self.data_parallel is not None:
+            return self.data_parallel.forward_backward()
         loss = self.forward_loss()
         self.backward_from_to(len(self.layers) - 1, 0)
         return loss

@@ -75,6 +75,9 @@ class BatchNormLayer(Layer):
         # Set by the net for a forward that also runs the in-place Scale right after this
         # layer (and the ReLU after that, if ``fused_relu``): see can_fold_scale.
         self.fused_scale = None
+        # Set by framework.data_parallel for a replica of a net whose batch is split over
+        # threads: (sync, rank); batch statistics are then sums over every replica's images.
+        self.stats_sync = None
 
     def _mask_statistics_from_learning(self):
         """batch_norm_layer.cpp: statistics get lr_mult 0; a non-zero lr_mult is an error."""
@@ -95,6 +98,27 @@ class BatchNormLayer(Layer):
                              f"the layer was set up with")
         if top[0] is not bottom[0]:
             top[0].reshape(shape)
+
+    def _batch_mean(self, x3):
+        """Per-channel mean over the batch and the number of values per channel, m."""
+        if self.stats_sync is None:
+            return x3.mean(axis=(0, 2)), x3.size // self.channels
+        sums, m = self._batch_sums(x3.sum(axis=(0, 2)), x3.size // self.channels)
+        return sums / x3.dtype.type(m), m
+
+    def _batch_sums(self, partial, count=0):
+        """``partial`` per-channel sums (and a count) totalled over the replicas of
+        ``stats_sync`` (in rank order, so every replica gets the same numbers)."""
+        if self.stats_sync is None:
+            return partial, count
+        sync, rank = self.stats_sync
+        total = sync.all_sum(rank, np.append(partial.astype(np.float64), count))
+        return total[:-1].astype(partial.dtype), int(round(total[-1]))
+
+    def _update_batch_stats(self, mean, var, m):
+        """The running statistics, updated once per batch (by the first replica, if split)."""
+        if self.stats_sync is None or self.stats_sync[1] == 0:
+            self._update_running_stats(mean, var, m=m)
 
     def can_fold_scale(self, scale):
         """Whether this layer's forward and backward can run ``scale`` (a ScaleLayer working in
@@ -124,8 +148,7 @@ class BatchNormLayer(Layer):
         by one, except that the squared deviations are summed per row first (float32 round-off)."""
         scale = self.fused_scale
         n, c, s = x3.shape
-        m = n * s
-        mean = x3.mean(axis=(0, 2))
+        mean, m = self._batch_mean(x3)
         x2, y2 = x3.reshape(n * c, s), y3.reshape(n * c, s)
         row_squares = np.empty(n * c, dtype)
 
@@ -134,8 +157,8 @@ class BatchNormLayer(Layer):
             np.einsum("rs,rs->r", y, y, out=squares)
 
         in_blocks(centre, [y2, x2, _per_row(mean, n), row_squares])
-        var = row_squares.reshape(n, c).sum(axis=0) / dtype.type(m)
-        self._update_running_stats(mean, var, m=m)
+        var = self._batch_sums(row_squares.reshape(n, c).sum(axis=0))[0] / dtype.type(m)
+        self._update_batch_stats(mean, var, m)
         std = np.sqrt(var + dtype.type(self.eps))
         self._std = std
         keep = self.backward_needed
@@ -167,10 +190,10 @@ class BatchNormLayer(Layer):
             mean, var = self._global_stats(dtype)
             np.subtract(x3, mean[:, None], out=y3)  # elementwise: safe in place
         else:
-            mean = x3.mean(axis=(0, 2))
+            mean, m = self._batch_mean(x3)
             np.subtract(x3, mean[:, None], out=y3)  # x is not read again: safe in place
-            var = np.einsum("ncs,ncs->c", y3, y3) / dtype.type(y3.size // self.channels)
-            self._update_running_stats(mean, var, m=x3.size // self.channels)
+            var = self._batch_sums(np.einsum("ncs,ncs->c", y3, y3))[0] / dtype.type(m)
+            self._update_batch_stats(mean, var, m)
         std = np.sqrt(var + dtype.type(self.eps))
         y3 /= std[:, None]
         # batch_norm_layer.cpp caches x_norm, as later in-place layers may clobber the top;
@@ -230,11 +253,13 @@ class BatchNormLayer(Layer):
         sum_dy = row_dy.reshape(n, c).sum(axis=0)
         sum_dy_norm = row_dy_norm.reshape(n, c).sum(axis=0)
         gamma_blob = scale.blobs[0]
-        gamma_blob.diff[...] += sum_dy_norm.reshape(gamma_blob.shape)
+        gamma_blob.diff[...] += sum_dy_norm.reshape(gamma_blob.shape)  # this replica's images
         if scale.bias_term:
             scale.blobs[1].diff[...] += sum_dy.reshape(scale.blobs[1].shape)
         gamma = gamma_blob.data.astype(dtype, copy=False).reshape(-1)
-        inv_m = dtype.type(1.0 / (n * s))
+        both, m = self._batch_sums(np.concatenate([sum_dy, sum_dy_norm]), n * s)  # the batch's
+        sum_dy, sum_dy_norm = both[:c], both[c:]
+        inv_m = dtype.type(1.0 / m)
         columns = [_per_row(v, n) for v in (gamma, gamma * sum_dy * inv_m,
                                             gamma * sum_dy_norm * inv_m, self._std)]
 
@@ -262,9 +287,16 @@ class BatchNormLayer(Layer):
             np.divide(dy3, self._std[:, None], out=dx3)
             return
         y3 = self._x_norm
-        inv_m = dy3.dtype.type(1.0 / (dy3.size // self.channels))
-        mean_dy = dy3.sum(axis=(0, 2)) * inv_m
-        mean_dy_y = np.einsum("ncs,ncs->c", dy3, y3) * inv_m
+        c = self.channels
+        if self.stats_sync is None:
+            inv_m = dy3.dtype.type(1.0 / (dy3.size // c))
+            mean_dy = dy3.sum(axis=(0, 2)) * inv_m
+            mean_dy_y = np.einsum("ncs,ncs->c", dy3, y3) * inv_m
+        else:
+            both, m = self._batch_sums(np.concatenate([dy3.sum(axis=(0, 2)),
+                                                       np.einsum("ncs,ncs->c", dy3, y3)]), dy3.size // c)
+            inv_m = dy3.dtype.type(1.0 / m)
+            mean_dy, mean_dy_y = both[:c] * inv_m, both[c:] * inv_m
         # (dy - mean_dy - y * mean_dy_y) / std, in the same order, written into dx; in place
         # dx is dy, which the statistics above have already read
         n, c, s = dy3.shape

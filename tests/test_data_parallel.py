@@ -111,3 +111,114 @@ def test_a_net_without_input_blobs_is_refused():
                        'dummy_data_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } } }')
     with pytest.raises(framework.NetError, match="no input blobs"):
         framework.DataParallelNet(make_net(text), threads=2)
+
+
+# -- training ------------------------------------------------------------------------
+
+from framework import data_parallel  # noqa: E402
+from test_batchnorm_fold import make_net as make_bn_net  # noqa: E402  (BatchNorm/Scale branches, batch 3)
+
+
+def step_results(net):
+    net.clear_param_diffs()
+    loss = net.forward_backward()
+    return loss, {name: [(b.data.copy(), b.diff.copy()) for b in blobs] for name, blobs in net.params.items()}
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_training_step_equals_the_whole_batch_on_one_net(threads):
+    plain, split = make_bn_net(), make_bn_net()
+    trainer = data_parallel.enable_training(split, threads)
+    assert split.data_parallel is trainer and len(trainer.replicas) == threads
+    for _ in range(2):  # the second step starts from the running statistics the first updated
+        want_loss, want = step_results(plain)
+        loss, got = step_results(split)
+        assert loss == pytest.approx(want_loss, rel=1e-6)
+    assert float(split.blobs["loss"].data) == pytest.approx(float(plain.blobs["loss"].data), rel=1e-6)
+    for name, blobs in want.items():
+        for k, (data, diff) in enumerate(blobs):
+            scale = max(1e-6, float(np.abs(diff).max()))
+            np.testing.assert_allclose(got[name][k][1], diff, rtol=0, atol=1e-5 * scale, err_msg=f"{name} diff {k}")
+            # BatchNorm's running statistics: updated once per batch, from the whole batch's
+            np.testing.assert_allclose(got[name][k][0], data, rtol=1e-5, atol=1e-6, err_msg=f"{name} data {k}")
+    assert np.abs(want["bn_a"][0][0]).max() > 0 and np.abs(want["conv_a"][0][1]).max() > 0
+
+
+SOLVER_NET = """
+name: "dp_train"
+layer { name: "data" type: "Input" top: "data" top: "label"
+        input_param { shape { dim: 5 dim: 3 dim: 8 dim: 8 } shape { dim: 5 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+        convolution_param { num_output: 6 kernel_size: 3 pad: 1 bias_term: false weight_filler { type: "msra" } } }
+layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }
+layer { name: "scale" type: "Scale" bottom: "conv" top: "conv" scale_param { bias_term: true } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"
+        inner_product_param { num_output: 4 weight_filler { type: "xavier" } } }
+layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" }
+"""
+
+
+def test_training_with_a_solver_follows_the_same_weights():
+    from benchmarks.benchmark import solver_param
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32) * 2 + 0.5
+    labels = rng.integers(0, 4, 5).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        framework.set_random_seed(13)
+        param = text_format.Parse(SOLVER_NET, caffe_pb2.NetParameter())
+        solver = framework.get_solver(solver_param(param))
+        solver.net.blobs["data"].data[...] = x
+        solver.net.blobs["label"].data[...] = labels
+        if threads > 1:
+            data_parallel.enable_training(solver.net, threads)
+        before = [b.data.copy() for b in solver.net.learnable_params]
+        solver.step(4)
+        results.append([b.data.copy() for b in solver.net.learnable_params])
+        assert all(np.isfinite(b).all() for b in results[-1])
+        assert max(np.abs(b - a).max() for a, b in zip(before, results[-1])) > 1e-2  # it did learn
+    for got, want in zip(results[1], results[0]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_smaller_than_the_threads_runs_on_the_net_itself():
+    plain, split = make_bn_net(), make_bn_net()
+    data_parallel.enable_training(split, 4)  # batch 3
+    assert step_results(split)[0] == step_results(plain)[0]
+
+
+def test_an_error_in_a_replica_is_raised_and_the_next_step_runs():
+    net = make_bn_net()
+    trainer = data_parallel.enable_training(net, 2)
+    layer = trainer.replicas[1].layers[net.layer_names.index("scale_c")]
+    original = layer.forward
+
+    def broken(bottom, top):
+        raise ValueError("replica failure")
+
+    layer.forward = broken
+    with pytest.raises(ValueError, match="replica failure"):
+        net.forward_backward()
+    layer.forward = original
+    want = step_results(make_bn_net())[0]
+    assert step_results(net)[0] == pytest.approx(want, rel=1e-6)
+
+
+def test_training_refuses_data_layers_and_losses_not_averaged_over_the_batch():
+    with pytest.raises(framework.NetError, match="layer 'data' \\(DummyData\\) makes its own data"):
+        data_parallel.DataParallelTraining(make_net(NET.replace(
+            'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } } }',
+            'layer { name: "data" type: "DummyData" top: "data" dummy_data_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } } }')
+            .replace('name: "dp"', 'name: "dp" layer { name: "in" type: "Input" top: "unused" '
+                     'input_param { shape { dim: 6 } } }')), threads=2)
+    text = NET.replace('top: "data" input_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } }',
+                       'top: "data" top: "label" input_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } '
+                       'shape { dim: 6 } }').replace(
+        'layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }',
+        'layer { name: "loss" type: "SoftmaxWithLoss" bottom: "ip" bottom: "label" top: "loss" '
+        'loss_param { ignore_label: 2 } }')
+    param = text_format.Parse(text, caffe_pb2.NetParameter())
+    param.state.phase = framework.TRAIN
+    with pytest.raises(framework.NetError, match="layer 'loss' \\(SoftmaxWithLoss\\).*ignore_label"):
+        data_parallel.DataParallelTraining(framework.Net(param), threads=2)
