@@ -229,17 +229,21 @@ class Case:
             for k, v in self.inputs.items():
                 self.net.blobs[k].data[...] = v
         # our inference as a user would run it for speed and memory: BatchNorm/Scale
-        # folded into the convolutions (framework/fuse.py) and memory_saving on
-        self.fast_net = None
+        # folded into the convolutions (framework/fuse.py), memory_saving on, the batch split
+        # over threads; training: a second solver from the same weights whose steps split the
+        # batch over threads (framework.data_parallel.enable_training)
+        self.fast_net = self.fast_solver = None
         if self.kind == "infer":
             self.fast_net = make_fast_net(self.net, param)
+        else:
+            self.fast_solver = make_fast_solver(self.net, param, self.inputs)
 
     # -- one run of each side ------------------------------------------------------
     def sides(self):
         """{side name: runner}: "ours", "ours*" (inference: folded + memory saving, batch split
         over threads), "torch"."""
         out = {"ours": self.run_ours}
-        if self.fast_net is not None:
+        if self.fast_net is not None or self.fast_solver is not None:
             out["ours*"] = self.run_ours_fast
         if self.mirror is not None:
             out["torch"] = self.run_torch
@@ -252,7 +256,10 @@ class Case:
             self.solver.step(1)
 
     def run_ours_fast(self):
-        self.fast_net.forward(**self.inputs)
+        if self.fast_solver is not None:
+            self.fast_solver.step(1)
+        else:
+            self.fast_net.forward(**self.inputs)
 
     def run_torch(self):
         torch = self.torch
@@ -284,17 +291,27 @@ class Case:
         loss = net.forward_backward()
         out = self.mirror(**self.tinputs)[self.mirror.outputs[0]]
         out.backward()
-        num = den = 0.0
-        for (layer, i), tensor in self.mirror.params.items():
-            if tensor.grad is not None:
-                blob = net.params[layer][i]
-                grad = tensor.grad.numpy().astype(np.float64)
-                ours = blob.diff.T if grad.shape != blob.shape else blob.diff
-                num += float(((ours - grad) ** 2).sum())
-                den += float((grad ** 2).sum())
-        worst = {"loss": rel_diff(loss, out.item()), "grad_l2": (num / den) ** 0.5 if den else 0.0}
-        self.optimizer.zero_grad(set_to_none=True)
+
+        def grad_l2(of):
+            num = den = 0.0
+            for (layer, i), tensor in self.mirror.params.items():
+                if tensor.grad is not None:
+                    blob = of.params[layer][i]
+                    grad = tensor.grad.numpy().astype(np.float64)
+                    ours = blob.diff.T if grad.shape != blob.shape else blob.diff
+                    num += float(((ours - grad) ** 2).sum())
+                    den += float((grad ** 2).sum())
+            return (num / den) ** 0.5 if den else 0.0
+
+        worst = {"loss": rel_diff(loss, out.item()), "grad_l2": grad_l2(net)}
         net.clear_param_diffs()
+        if self.fast_solver is not None:
+            fast = self.fast_solver.net
+            fast.clear_param_diffs()
+            worst["loss*"] = rel_diff(fast.forward_backward(), out.item())
+            worst["grad_l2*"] = grad_l2(fast)
+            fast.clear_param_diffs()
+        self.optimizer.zero_grad(set_to_none=True)
         return worst
 
 
@@ -344,6 +361,21 @@ def make_fast_net(net, param):
     fast.memory_saving = True
     batch = fast.blobs[fast.inputs[0]].shape[0]
     return framework.DataParallelNet(fast) if batch > 1 else fast
+
+
+def make_fast_solver(net, param, inputs):
+    """A solver for ``param`` (solver_param's settings) starting from ``net``'s weights, fed
+    ``inputs``, whose steps split the batch over threads (framework.data_parallel)."""
+    import framework
+    from benchmarks import nets
+    from framework import data_parallel
+
+    solver = framework.get_solver(solver_param(param))
+    nets.load_weights_dict(solver.net, nets.weights_dict(net))
+    for k, v in inputs.items():
+        solver.net.blobs[k].data[...] = v
+    data_parallel.enable_training(solver.net)
+    return solver
 
 
 # -- memory (subprocesses) ----------------------------------------------------------
@@ -473,8 +505,9 @@ def print_report(info, results, stream=sys.stdout):
         w(f"load average (1, 5, 15 min) at start: {info['loadavg_start']}, at end: {info.get('loadavg_end', '?')} "
           f"(other processes share these {info['cores']} cores)\n")
     w(f"PyTorch: {info.get('torch', 'not run: ' + info.get('torch_missing', ''))}\n")
-    w("ours* = the same net with BatchNorm/Scale folded into the convolutions and memory_saving on;\n"
-      "        batches of more than one image split over one replica per thread (DataParallelNet)\n")
+    w("ours* = inference: the same net with BatchNorm/Scale folded into the convolutions and memory_saving\n"
+      "        on, batches of more than one image split over one replica per thread (DataParallelNet);\n"
+      "        training: each step's batch split over one replica per thread (data_parallel.enable_training)\n")
     w(f"{'case':<18} {'side':<6} {'median ms':>10} {'ours/torch':>10} {'target':>7} {'GFLOP/s':>8} "
       f"{'peak MiB':>9} {'agreement with torch (rel diff)':>32}\n")
     for name, r in results.items():
@@ -488,9 +521,9 @@ def print_report(info, results, stream=sys.stdout):
             if side == "torch":
                 diff = ""
             elif side == "ours*":
-                diff = f"output {agree['output*']:.0e}" if "output*" in agree else "-"
+                diff = " ".join(f"{k[:-1]} {v:.0e}" for k, v in agree.items() if k.endswith("*")) or "-"
             else:
-                diff = " ".join(f"{k} {v:.0e}" for k, v in agree.items() if k != "output*") or "-"
+                diff = " ".join(f"{k} {v:.0e}" for k, v in agree.items() if not k.endswith("*")) or "-"
             target = f"<= {TARGETS[name]}" if side != "torch" else ""
             w(f"{name:<18} {side:<6} {t[key + '_ms']:10.1f} {f'{ratio:.2f}' if ratio else '-':>10} "
               f"{target:>7} {t['gflops_' + key]:8.0f} {f'{peak / 1024:.0f}' if peak else '-':>9} {diff:>32}\n")
