@@ -39,6 +39,41 @@ def _blas_threads():
     return copy_threads()
 
 
+class _OnThreads:
+    """Runs ``task(rank)`` for ranks 0..parts-1, rank 0 on the calling thread and the others on
+    a pool, with BLAS held to one thread and our passes unsplit (each thread has its share)."""
+
+    def __init__(self, threads):
+        from threadpoolctl import ThreadpoolController
+
+        self.threads = max(1, int(threads or _blas_threads()))
+        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="net-replica") \
+            if self.threads > 1 else None
+        self._blas = ThreadpoolController()
+
+    def run(self, task, parts):
+        """[task(0), ..., task(parts - 1)]; the first error raised (BrokenBarrierError last)."""
+        from layers.parallel import one_thread_per_pass
+
+        def alone(rank):
+            with one_thread_per_pass():
+                return task(rank)
+
+        with self._blas.limit(limits=1, user_api="blas"):
+            futures = [self._pool.submit(alone, rank) for rank in range(1, parts)]
+            results, errors = [], []
+            for get in [lambda: alone(0)] + [f.result for f in futures]:
+                try:
+                    results.append(get())
+                except threading.BrokenBarrierError as e:
+                    errors.append(e)
+                except BaseException as e:
+                    errors.insert(0, e)
+        if errors:
+            raise errors[0]
+        return results
+
+
 class DataParallelNet:
     """``threads`` replicas of the built ``net`` sharing its weights, each forwarding a slice of
     the batch on its own thread: ``net`` itself and ``threads - 1`` new Nets whose blobs start at
@@ -52,12 +87,11 @@ class DataParallelNet:
     """
 
     def __init__(self, net, threads=None, memory_saving=True):
-        from threadpoolctl import ThreadpoolController
-
         from .net import Net
 
         self.net = net
-        self.threads = max(1, int(threads or _blas_threads()))
+        self._threads = _OnThreads(threads)
+        self.threads = self._threads.threads
         if not net.inputs:
             raise NetError(f"net '{net.name}' has no input blobs: DataParallelNet splits the inputs "
                            f"given to forward(), so data layers cannot be used")
@@ -71,9 +105,6 @@ class DataParallelNet:
         for replica in self.replicas:
             replica.memory_saving = memory_saving
         self.outputs = list(self.replicas[0].outputs)
-        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="net-replica") \
-            if self.threads > 1 else None
-        self._blas = ThreadpoolController()
 
     def forward(self, blobs=None, **inputs):
         """Run every replica on its slice of ``inputs``; return {output (and blobs): array}."""
@@ -93,14 +124,10 @@ class DataParallelNet:
         bounds = [batch * i // parts for i in range(parts + 1)]
 
         def run(k):
-            from layers.parallel import one_thread_per_pass
-            with one_thread_per_pass():
-                piece = {name: a[bounds[k]:bounds[k + 1]] for name, a in arrays.items()}
-                return self.replicas[k].forward(blobs=blobs, **piece)
+            piece = {name: a[bounds[k]:bounds[k + 1]] for name, a in arrays.items()}
+            return self.replicas[k].forward(blobs=blobs, **piece)
 
-        with self._blas.limit(limits=1, user_api="blas"):
-            futures = [self._pool.submit(run, k) for k in range(1, parts)]
-            results = [run(0)] + [f.result() for f in futures]
+        results = self._threads.run(run, parts)
         return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
 
     @staticmethod
@@ -208,12 +235,11 @@ class DataParallelTraining:
     """
 
     def __init__(self, net, threads=None):
-        from threadpoolctl import ThreadpoolController
-
         from .net import Net
 
         self.net = net
-        self.threads = max(1, int(threads or _blas_threads()))
+        self._threads = _OnThreads(threads)
+        self.threads = self._threads.threads
         if not net.inputs:
             raise NetError(f"net '{net.name}' has no input blobs for DataParallelTraining to split")
         for layer, bottoms in zip(net.layers, net._bottom_name_lists):
@@ -241,9 +267,6 @@ class DataParallelTraining:
                 if any(layer.loss_weights):
                     self._loss_rules[i] = _loss_share_rule(layer)
         self._base_loss_weights = {i: list(self.replicas[0].layers[i].loss_weights) for i in self._loss_rules}
-        self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="net-replica") \
-            if self.threads > 1 else None
-        self._blas = ThreadpoolController()
 
     def forward_backward(self):
         """One forward and backward of the whole batch in ``net``'s Input blobs; returns the
@@ -273,26 +296,13 @@ class DataParallelTraining:
         self._sync.reset()
 
         def run(rank):
-            from layers.parallel import one_thread_per_pass
             try:
-                with one_thread_per_pass():
-                    return self.replicas[rank].forward_backward()
+                return self.replicas[rank].forward_backward()
             except BaseException:
-                self._sync.abort()
+                self._sync.abort()  # the others would wait for it at the next exchange
                 raise
 
-        with self._blas.limit(limits=1, user_api="blas"):
-            futures = [self._pool.submit(run, rank) for rank in range(1, self.threads)]
-            losses, errors = [], []
-            for get in [lambda: run(0)] + [f.result for f in futures]:
-                try:
-                    losses.append(get())
-                except threading.BrokenBarrierError as e:
-                    errors.append(e)
-                except BaseException as e:
-                    errors.insert(0, e)
-        if errors:
-            raise errors[0]
+        losses = self._threads.run(run, self.threads)
         for blob, stand_ins in self._shared.values():
             diffs = [s.diff for s in stand_ins if s.has_diff]
             if diffs:
