@@ -105,6 +105,7 @@ class DataParallelNet:
         for replica in self.replicas:
             replica.memory_saving = memory_saving
         self.outputs = list(self.replicas[0].outputs)
+        self.tail_start, self._tail_inputs = _fully_connected_tail(net)
 
     def forward(self, blobs=None, **inputs):
         """Run every replica on its slice of ``inputs``; return {output (and blobs): array}."""
@@ -122,17 +123,63 @@ class DataParallelNet:
         if parts <= 1:
             return self._copies(self.replicas[0].forward(blobs=blobs, **arrays))
         bounds = [batch * i // parts for i in range(parts + 1)]
+        head = self.replicas[0]
+        end = head.layer_names[self.tail_start - 1] if self.tail_start else None
+        wanted = list(blobs or [])
+        if end is not None:
+            early = [b for b in wanted if head._producer_index(b) < self.tail_start]
+            keep = self._tail_inputs + [b for b in early if b not in self._tail_inputs]
 
         def run(k):
             piece = {name: a[bounds[k]:bounds[k + 1]] for name, a in arrays.items()}
-            return self.replicas[k].forward(blobs=blobs, **piece)
+            if end is None:
+                return self.replicas[k].forward(blobs=blobs, **piece)
+            return self.replicas[k].forward(blobs=keep, end=end, **piece)
 
         results = self._threads.run(run, parts)
-        return {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+        joined = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
+        if end is None:
+            return joined
+        # the fully connected tail once over the whole batch, BLAS on every core: its weights
+        # are read once instead of once per replica
+        for name in self._tail_inputs:
+            head.blobs[name].reshape(joined[name].shape)
+            head.blobs[name].data[...] = joined[name]
+        head._keep_blobs = set(wanted)
+        head.forward_from_to(self.tail_start, len(head.layers) - 1)
+        out = {name: np.array(head.blobs[name].data) for name in self.outputs}
+        out.update({name: joined[name] if name in joined else np.array(head.blobs[name].data) for name in wanted})
+        return out
 
     @staticmethod
     def _copies(outputs):
         return {name: np.array(value) for name, value in outputs.items()}
+
+
+#: Layer types that may follow the first InnerProduct in a fully connected tail.
+_TAIL_TYPES = {"InnerProduct", "ReLU", "Dropout", "Softmax", "Sigmoid", "TanH", "Flatten", "Reshape",
+               "Split", "Concat", "Eltwise", "Scale", "Bias", "Power", "ArgMax", "Silence"}
+
+
+def _fully_connected_tail(net):
+    """(index of the first layer of the net's fully connected tail, the blobs it reads from the
+    layers before it), or (None, []): the tail starts at an InnerProduct after which only
+    per-image element-wise and fully connected layers follow (CaffeNet's fc6 ... prob)."""
+    start = None
+    for i in range(len(net.layers) - 1, -1, -1):
+        kind = net.layers[i].type
+        if kind not in _TAIL_TYPES:
+            break
+        if kind == "InnerProduct":
+            start = i
+    if not start:
+        return None, []
+    reads = []
+    for i in range(start, len(net.layers)):
+        for name in net._bottom_name_lists[i]:
+            if net._producer_index(name) < start and name not in reads:
+                reads.append(name)
+    return start, reads
 
 
 def _replica_param(net, threads):

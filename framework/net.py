@@ -316,6 +316,13 @@ class Net:
                 layer.blobs[i] = owner  # the sharer uses the owner's blob itself
 
     # -- running -------------------------------------------------------------------
+    def _producer_index(self, blob):
+        """Index of the last layer that writes ``blob`` (-1 for none)."""
+        for i in range(len(self.layers) - 1, -1, -1):
+            if blob in self._top_name_lists[i]:
+                return i
+        return -1
+
     def _layer_index(self, name, default):
         if name is None:
             return default

@@ -46,10 +46,29 @@ def test_outputs_equal_the_net_forward_on_the_whole_batch(threads, batch):
     assert set(got) == {"prob", "pool"}
     for name in got:  # a slice may take another GEMM layout or BLAS blocking: float32 round-off
         np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7)
-    # each replica ran one contiguous slice
+    # each replica ran one contiguous slice (up to the fully connected tail, which ran once)
     used = min(threads, batch)
-    sizes = [r.blobs["prob"].shape[0] for r in dp.replicas[:used]]
+    sizes = [r.blobs["data"].shape[0] for r in dp.replicas[:used]]
     assert sizes == [batch * (k + 1) // used - batch * k // used for k in range(used)]
+
+
+def test_the_fully_connected_tail_runs_once_over_the_whole_batch():
+    from framework.data_parallel import _fully_connected_tail
+    net = make_net()
+    assert _fully_connected_tail(net) == (net.layer_names.index("ip"), ["pool"])
+    conv_after = NET.replace('layer { name: "prob" type: "Softmax" bottom: "ip" top: "prob" }',
+                             'layer { name: "r" type: "Reshape" bottom: "ip" top: "r" '
+                             'reshape_param { shape { dim: 0 dim: 5 dim: 1 dim: 1 } } }\n'
+                             'layer { name: "c2" type: "Convolution" bottom: "r" top: "c2" '
+                             'convolution_param { num_output: 2 kernel_size: 1 } }')
+    assert _fully_connected_tail(make_net(conv_after)) == (None, [])
+    x = images(5, seed=2)
+    want = make_net().forward(data=x, blobs=["ip", "pool"])
+    dp = framework.DataParallelNet(net, threads=2)
+    got = dp.forward(data=x, blobs=["ip", "pool"])
+    assert dp.replicas[0].blobs["ip"].shape[0] == 5 and dp.replicas[1].blobs["data"].shape[0] == 3
+    for name in ("prob", "ip", "pool"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_replicas_share_the_weights_and_start_at_their_share_of_the_batch():
