@@ -182,14 +182,28 @@ def _fully_connected_tail(net):
     return start, reads
 
 
-def _replica_param(net, threads):
+#: Layer types that read or make a batch of data (run once per step on the net itself).
+_DATA_LAYERS = {"Data", "ImageData", "HDF5Data", "MemoryData", "DummyData", "WindowData"}
+
+
+def _replica_param(net, threads, sources=()):
     """``net``'s definition (automatic Split layers removed; the replica adds its own) in the
     phase it was built in, its Input blobs holding 1/threads of the batch (rounded up), so the
-    replicas' blobs start at their share's size (``forward`` reshapes them to each slice)."""
+    replicas' blobs start at their share's size (``forward`` reshapes them to each slice); the
+    data layers at ``sources`` become Input layers of their tops."""
     from .fuse import _strip_auto_splits
 
     param = _strip_auto_splits(net.param)
     param.state.phase = net.phase
+    names = [layer.name for layer in param.layer]
+    for i in sources:
+        layer = param.layer[names.index(net.layer_names[i])]
+        tops = list(layer.top)
+        layer.Clear()
+        layer.name, layer.type = net.layer_names[i], "Input"
+        layer.top.extend(tops)
+        for top in tops:
+            layer.input_param.shape.add().dim.extend(net.blobs[top].shape)
     for layer in param.layer:
         if layer.type == "Input":
             for shape in layer.input_param.shape:
@@ -274,10 +288,11 @@ class DataParallelTraining:
     """``net.forward_backward()`` with the batch split over ``threads`` replicas of ``net``.
 
     The replicas share ``net``'s parameter values (not its gradients: each has its own
-    diffs, added into ``net``'s after the step).  ``net``'s Input blobs hold the batch, as
-    a solver or the caller sets them; ``net``'s scalar outputs get the batch's values, its
-    other layers' blobs are not computed.  Data layers (the replicas would each read the
-    source) and losses not averaged over the batch are refused, naming the layer.  Batches
+    diffs, added into ``net``'s after the step).  The batch comes from ``net``'s data layers
+    (Data, ImageData, HDF5Data, ...: run on ``net`` itself, once per step, then their tops
+    are split) and Input blobs (as a solver or the caller sets them); ``net``'s scalar
+    outputs get the batch's values, its other blobs are not computed.  Other layers without
+    bottoms and losses not averaged over the batch are refused, naming the layer.  Batches
     smaller than ``threads`` run on ``net`` itself.  Use :func:`enable_training`.
     """
 
@@ -287,13 +302,18 @@ class DataParallelTraining:
         self.net = net
         self._threads = _OnThreads(threads)
         self.threads = self._threads.threads
-        if not net.inputs:
-            raise NetError(f"net '{net.name}' has no input blobs for DataParallelTraining to split")
-        for layer, bottoms in zip(net.layers, net._bottom_name_lists):
-            if not bottoms and layer.type != "Input":
-                raise NetError(f"layer '{layer.name}' ({layer.type}) makes its own data: DataParallelTraining "
-                               f"needs a net fed through Input blobs")
-        param = _replica_param(net, self.threads)
+        self._sources = []  # data layers, run on ``net``
+        for i, (layer, bottoms) in enumerate(zip(net.layers, net._bottom_name_lists)):
+            if bottoms or layer.type == "Input":
+                continue
+            if layer.type not in _DATA_LAYERS:
+                raise NetError(f"layer '{layer.name}' ({layer.type}) has no bottoms and is not a data layer: "
+                               f"DataParallelTraining cannot tell how to split its tops over the batch")
+            self._sources.append(i)
+        self._fed = list(net.inputs) + [name for i in self._sources for name in net._top_name_lists[i]]
+        if not self._fed:
+            raise NetError(f"net '{net.name}' has no input blobs or data layers for DataParallelTraining to split")
+        param = _replica_param(net, self.threads, self._sources)
         self.replicas = [Net(param) for _ in range(self.threads)]
         self._shared = {}  # id(net blob) -> (net blob, [its stand-in in each replica])
         for replica in self.replicas:
@@ -319,16 +339,18 @@ class DataParallelTraining:
         """One forward and backward of the whole batch in ``net``'s Input blobs; returns the
         loss and adds the parameter gradients into ``net``'s diffs (as Net.forward_backward)."""
         net = self.net
-        batch = net.blobs[net.inputs[0]].shape[0]
-        if any(net.blobs[name].shape[:1] != (batch,) for name in net.inputs):
+        for i in self._sources:  # the next batch, read once
+            net.forward_from_to(i, i)
+        batch = net.blobs[self._fed[0]].shape[0]
+        if any(net.blobs[name].shape[:1] != (batch,) for name in self._fed):
             raise NetError(f"the inputs of net '{net.name}' need the same batch size on axis 0 to be "
-                           f"split over threads (got {[net.blobs[n].shape for n in net.inputs]})")
+                           f"split over threads (got {[(n, net.blobs[n].shape) for n in self._fed]})")
         if batch < self.threads:
-            return _plain_forward_backward(net)
+            return _plain_forward_backward(net, skip=self._sources)
         bounds = [batch * k // self.threads for k in range(self.threads + 1)]
         shares = [(bounds[k + 1] - bounds[k]) / batch for k in range(self.threads)]
         for rank, replica in enumerate(self.replicas):
-            for name in net.inputs:
+            for name in self._fed:
                 part = net.blobs[name].data[bounds[rank]:bounds[rank + 1]]
                 replica.blobs[name].reshape(part.shape)
                 replica.blobs[name].data[...] = part
@@ -378,9 +400,15 @@ class DataParallelTraining:
             net.blobs[name].data[...] = total
 
 
-def _plain_forward_backward(net):
-    """The net's own forward_backward, bypassing its DataParallelTraining."""
-    loss = net.forward_loss()
+def _plain_forward_backward(net, skip=()):
+    """The net's own forward_backward, bypassing its DataParallelTraining; the data layers in
+    ``skip`` have already run."""
+    loss = 0.0
+    start = 0
+    for i in sorted(skip) + [len(net.layers)]:
+        if start < i:
+            loss += net.forward_from_to(start, i - 1)
+        start = i + 1
     net.backward_from_to(len(net.layers) - 1, 0)
     return loss
 

@@ -224,13 +224,40 @@ def test_an_error_in_a_replica_is_raised_and_the_next_step_runs():
     assert step_results(net)[0] == pytest.approx(want, rel=1e-6)
 
 
-def test_training_refuses_data_layers_and_losses_not_averaged_over_the_batch():
-    with pytest.raises(framework.NetError, match="layer 'data' \\(DummyData\\) makes its own data"):
+DATA_LAYER_NET = SOLVER_NET.replace(
+    'layer { name: "data" type: "Input" top: "data" top: "label"\n'
+    '        input_param { shape { dim: 5 dim: 3 dim: 8 dim: 8 } shape { dim: 5 } } }',
+    'layer { name: "data" type: "DummyData" top: "data" top: "label"\n'
+    '        dummy_data_param { shape { dim: 5 dim: 3 dim: 8 dim: 8 } shape { dim: 5 }\n'
+    '                           data_filler { type: "gaussian" std: 2 } data_filler { type: "constant" value: 1 } } }')
+
+
+def test_training_reads_data_layers_once_per_step_and_splits_their_tops():
+    assert "DummyData" in DATA_LAYER_NET
+    results = []
+    for threads in (1, 2):
+        framework.set_random_seed(14)  # the same weights
+        param = text_format.Parse(DATA_LAYER_NET, caffe_pb2.NetParameter())
+        param.state.phase = framework.TRAIN
+        net = framework.Net(param)
+        if threads > 1:
+            trainer = data_parallel.enable_training(net, threads)
+            assert [r.layers[0].type for r in trainer.replicas] == ["Input", "Input"]
+        framework.set_random_seed(15)  # building the replicas drew from the generator
+        losses = [step_results(net)[0] for _ in range(3)]  # three batches, drawn one by one
+        results.append((losses, step_results(net)[1]))
+    assert len(set(results[0][0])) == 3  # new data every step
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    for name, blobs in results[0][1].items():
+        for k, (data, diff) in enumerate(blobs):
+            np.testing.assert_allclose(results[1][1][name][k][1], diff, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_training_refuses_bottomless_non_data_layers_and_losses_not_averaged_over_the_batch():
+    with pytest.raises(framework.NetError, match="layer 'p' \\(Parameter\\) has no bottoms and is not a data layer"):
         data_parallel.DataParallelTraining(make_net(NET.replace(
-            'layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } } }',
-            'layer { name: "data" type: "DummyData" top: "data" dummy_data_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } } }')
-            .replace('name: "dp"', 'name: "dp" layer { name: "in" type: "Input" top: "unused" '
-                     'input_param { shape { dim: 6 } } }')), threads=2)
+            'layer { name: "prob"', 'layer { name: "p" type: "Parameter" top: "p" '
+            'parameter_param { shape { dim: 2 } } }\nlayer { name: "prob"')), threads=2)
     text = NET.replace('top: "data" input_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } }',
                        'top: "data" top: "label" input_param { shape { dim: 6 dim: 3 dim: 12 dim: 12 } '
                        'shape { dim: 6 } }').replace(

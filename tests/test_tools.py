@@ -165,6 +165,20 @@ def test_train_finetune_with_weights(workdir, capsys):
     assert (workdir / "ft" / "x_iter_2.caffemodel").is_file()
 
 
+def test_train_threads_splits_the_batch_and_learns_the_same_weights(workdir, capsys):
+    code, err = run(train_tool, ["--solver", "solver.prototxt"], capsys)
+    assert code == 0, err
+    want = weights_of("mlp_iter_6.caffemodel")
+    code, err = run(train_tool, ["--solver", "solver.prototxt", "--threads", "2"], capsys)
+    assert code == 0, err
+    assert "Splitting each batch over 2 replicas of the training net" in err
+    got = weights_of("mlp_iter_6.caffemodel")
+    assert np.abs(want["ip"][0]).max() > 0
+    for name, blobs in want.items():
+        for a, b in zip(got[name], blobs):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def test_train_stage_level_and_model_flags(workdir):
     args = train_tool.parse_args(["--solver", "solver.prototxt", "--stage", "extra", "--level", "3"])
     solver = train_tool.build_solver(args)

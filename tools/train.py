@@ -50,8 +50,9 @@ def _stages(values):
 def parse_args(argv=None):
     """Parse the command line (raises UsageError on a bad one)."""
     p = _Parser(prog="train.py", description=__doc__.split("\n\n")[0],
-                epilog="--iterations and --model are not caffe train flags: --iterations overrides the "
-                       "solver's max_iter, --model replaces the solver's net definition.")
+                epilog="--iterations, --model and --threads are not caffe train flags: --iterations overrides the "
+                       "solver's max_iter, --model replaces the solver's net definition, --threads "
+                       "splits each batch over replicas of the net.")
     p.add_argument("--solver", help="the solver definition (solver.prototxt); required")
     p.add_argument("--weights", help="pretrained weights to fine-tune from, comma-separated "
                                      "(cannot be combined with --snapshot)")
@@ -68,6 +69,9 @@ def parse_args(argv=None):
                    help="what SIGHUP does: snapshot (default), stop, or none")
     p.add_argument("--model", help="replace the solver's net (net/train_net/test_net) with this "
                                    "prototxt (not in caffe train)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="split each training batch over this many replicas of the net, one per core "
+                        "(framework.data_parallel; not in caffe train; default 1: off)")
     return p.parse_args(argv)
 
 
@@ -168,6 +172,10 @@ def main(argv=None):
     try:
         with SignalHandler(args.sigint_effect, args.sighup_effect) as handler:
             solver = build_solver(args)
+            if args.threads > 1:
+                from framework import data_parallel
+                data_parallel.enable_training(solver.net, args.threads)
+                log.info("Splitting each batch over %d replicas of the training net", args.threads)
             solver.set_action_function(handler.action)
             if args.snapshot:
                 log.info("Resuming from %s", args.snapshot)
