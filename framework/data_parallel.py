@@ -294,6 +294,10 @@ class DataParallelTraining:
     outputs get the batch's values, its other blobs are not computed.  Other layers without
     bottoms and losses not averaged over the batch are refused, naming the layer.  Batches
     smaller than ``threads`` run on ``net`` itself.  Use :func:`enable_training`.
+
+    Random layers (Dropout) draw from the shared generator in whatever order the replicas
+    ask, so such runs are not repeatable draw for draw.  ``net``'s own activation blobs
+    stay allocated though unused.
     """
 
     def __init__(self, net, threads=None):
