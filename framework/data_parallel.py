@@ -364,24 +364,30 @@ class DataParallelTraining:
         for blob, stand_ins in self._shared.values():
             for stand_in in stand_ins:
                 stand_in.share_data(blob)  # the solver may have replaced an array
-                if stand_in.has_diff:
-                    stand_in.diff[...] = 0
+            stand_ins[0].share_diff(blob)  # the first replica adds straight into net's gradients
         self._sync.reset()
+        shared = list(self._shared.values())
 
         def run(rank):
             try:
+                if rank:
+                    for _, stand_ins in shared:
+                        if stand_ins[rank].has_diff:
+                            stand_ins[rank].diff[...] = 0
                 return self.replicas[rank].forward_backward()
             except BaseException:
                 self._sync.abort()  # the others would wait for it at the next exchange
                 raise
 
         losses = self._threads.run(run, self.threads)
-        for blob, stand_ins in self._shared.values():
-            diffs = [s.diff for s in stand_ins if s.has_diff]
-            if diffs:
-                total = blob.diff
-                for d in diffs:
-                    total += d
+
+        def add_gradients(rank):  # the other replicas' gradients, parameters shared out by rank
+            for blob, stand_ins in shared[rank::self.threads]:
+                for stand_in in stand_ins[1:]:
+                    if stand_in.has_diff:
+                        blob.diff[...] += stand_in.diff
+
+        self._threads.run(add_gradients, self.threads)
         self._gather_outputs(shares)
         return float(sum(losses))
 
