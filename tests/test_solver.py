@@ -721,3 +721,30 @@ def test_restore_caffe_written_solverstate(shared_dir, tmp_path, monkeypatch):
     assert s.iter == 21
     for blob, want in zip(s.net.learnable_params, expected):
         np.testing.assert_allclose(blob.data, want, rtol=1e-4, atol=1e-6)
+
+
+class _LoopSGD(framework.SGDSolver):
+    """SGDSolver's update through the per-step loop (normalize, regularize,
+    compute_update_value, Net.update), which the blocked path must equal bit for bit."""
+
+
+@pytest.mark.parametrize("text", [
+    'base_lr: 0.05 momentum: 0.9 weight_decay: 0.01 lr_policy: "fixed"',
+    'base_lr: 0.05 momentum: 0.8 weight_decay: 0.02 regularization_type: "L1" lr_policy: "inv" '
+    'gamma: 0.1 power: 0.75 iter_size: 2',
+    'base_lr: 0.1 momentum: 0 weight_decay: 0 lr_policy: "fixed" clip_gradients: 0.05'])
+def test_sgd_blocked_update_equals_the_step_by_step_update(monkeypatch, text):
+    from layers import parallel
+    monkeypatch.setattr(parallel, "BLOCK_BYTES", 8)  # several blocks in each 2x3 weight
+    results = []
+    for cls in (framework.SGDSolver, _LoopSGD):
+        p = solver_param('type: "SGD" random_seed: 5 ' + text)
+        s = cls(p)
+        feed(s.net, BATCHES[0])
+        for batch in BATCHES:
+            feed(s.net, batch)
+            s.step(1)
+        results.append([b.data.copy() for b in s.net.learnable_params] + [h.copy() for h in s.history])
+    assert any(np.abs(a).max() > 0 for a in results[0])
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
