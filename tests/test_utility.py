@@ -39,9 +39,12 @@ def ip_reference(x, w, b, axis, transpose):
     return out.reshape(x.shape[:axis] + (wn.shape[0],))
 
 
+@pytest.mark.parametrize("rows_limit", [0, 1 << 30])  # both GEMM orientations of the forward
 @pytest.mark.parametrize("axis,transpose,bias", [(1, False, True), (1, True, True), (2, False, False),
                                                  (-1, True, False), (0, False, True)])
-def test_inner_product_forward_and_gradient(axis, transpose, bias):
+def test_inner_product_forward_and_gradient(monkeypatch, axis, transpose, bias, rows_limit):
+    from layers import utility
+    monkeypatch.setattr(utility, "WEIGHT_MAJOR_BELOW_ROWS", rows_limit)
     layer = layer_from_text(f"""type: "InnerProduct" inner_product_param {{ num_output: 3 axis: {axis}
         transpose: {str(transpose).lower()} bias_term: {str(bias).lower()}
         weight_filler {{ type: "gaussian" std: 1 }} bias_filler {{ type: "uniform" min: -1 max: 1 }} }}""")
