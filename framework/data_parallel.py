@@ -32,6 +32,7 @@ import numpy as np
 
 from .blob import Blob
 from .errors import NetError
+from .net import _is_released, _release
 
 
 def _blas_threads():
@@ -297,7 +298,9 @@ class DataParallelTraining:
 
     Random layers (Dropout) draw from the shared generator in whatever order the replicas
     ask, so such runs are not repeatable draw for draw.  ``net``'s own activation blobs
-    stay allocated though unused.
+    (all but its inputs, data-layer tops and outputs) are not computed and their arrays are
+    freed meanwhile (they read as zeros); a forward of ``net`` itself, as a solver's last
+    display does, gets them back for its layers.
     """
 
     def __init__(self, net, threads=None):
@@ -338,6 +341,19 @@ class DataParallelTraining:
                 if any(layer.loss_weights):
                     self._loss_rules[i] = _loss_share_rule(layer)
         self._base_loss_weights = {i: list(self.replicas[0].layers[i].loss_weights) for i in self._loss_rules}
+        # net's own activations are not computed while the replicas run: their arrays are freed
+        # (read-only zero stand-ins, as in memory-saving mode); a forward of net itself gives
+        # its tops arrays again (Net.forward_from_to), the next split step frees them again
+        self._freed = [blob for name, blob in net.blobs.items()
+                       if name not in self._fed and name not in net.outputs and blob.data.size]
+        for blob in self._freed:
+            _release(blob)
+
+    def restore_activations(self):
+        """Give ``net``'s freed activation blobs writable (zero) arrays again."""
+        for blob in self._freed:
+            if _is_released(blob):
+                blob.data = np.zeros(blob.shape, dtype=blob.dtype)
 
     def forward_backward(self):
         """One forward and backward of the whole batch in ``net``'s Input blobs; returns the
@@ -351,6 +367,9 @@ class DataParallelTraining:
                            f"split over threads (got {[(n, net.blobs[n].shape) for n in self._fed]})")
         if batch < self.threads:
             return _plain_forward_backward(net, skip=self._sources)
+        for blob in self._freed:  # again, if net ran on its own since (Net.forward_from_to)
+            if not _is_released(blob):
+                _release(blob)
         bounds = [batch * k // self.threads for k in range(self.threads + 1)]
         shares = [(bounds[k + 1] - bounds[k]) / batch for k in range(self.threads)]
         for rank, replica in enumerate(self.replicas):
@@ -432,4 +451,7 @@ def enable_training(net, threads=None):
 
 
 def disable_training(net):
+    """Undo :func:`enable_training`: ``net.forward_backward()`` runs on ``net`` itself again."""
+    if net.data_parallel is not None:
+        net.data_parallel.restore_activations()
     net.data_parallel = None

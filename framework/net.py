@@ -343,6 +343,10 @@ class Net:
                 for top in tops:
                     if _is_released(top):
                         top.data = self._buffer_pool.take(top.shape, top.dtype)
+            else:  # tops freed by memory saving or DataParallelTraining, running here again
+                for top in tops:
+                    if _is_released(top):
+                        top.data = np.zeros(top.shape, dtype=top.dtype)
             if i not in folded:
                 self._set_folds(i, end, folded)
                 layer.forward(bottoms, tops)

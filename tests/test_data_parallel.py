@@ -268,3 +268,22 @@ def test_training_refuses_bottomless_non_data_layers_and_losses_not_averaged_ove
     param.state.phase = framework.TRAIN
     with pytest.raises(framework.NetError, match="layer 'loss' \\(SoftmaxWithLoss\\).*ignore_label"):
         data_parallel.DataParallelTraining(framework.Net(param), threads=2)
+
+
+def test_training_frees_the_nets_own_activations_and_gives_them_back():
+    net = make_bn_net()
+    inputs = {name: net.blobs[name].data.copy() for name in net.inputs}
+    before = step_results(make_bn_net())[0]
+    data_parallel.enable_training(net, 2)
+    conv = net.blobs["conv_a"].data
+    assert conv.shape == (3, 4, 5, 5) and not conv.flags.writeable and conv.base.nbytes <= 8  # freed
+    assert all(np.array_equal(net.blobs[name].data, value) for name, value in inputs.items())  # kept
+    assert step_results(net)[0] == pytest.approx(before, rel=1e-6)
+    # a forward of the net itself (a solver's last display) gets arrays for its layers back
+    assert net.forward_loss() == pytest.approx(before, rel=1e-6)
+    assert net.blobs["conv_a"].data.flags.writeable
+    step_results(net)  # and the next split step frees them again
+    assert not net.blobs["conv_a"].data.flags.writeable
+    data_parallel.disable_training(net)
+    assert net.data_parallel is None and net.blobs["conv_a"].data.flags.writeable
+    assert step_results(net)[0] == pytest.approx(before, rel=1e-6)  # on its own again
