@@ -25,7 +25,6 @@ images, and their parameter gradients are added into the net's, so a step
 computes the whole batch's numbers, float32 round-off apart.
 """
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -215,10 +214,6 @@ def _replica_param(net, threads, sources=()):
 
 # -- training -----------------------------------------------------------------------
 
-#: How long a replica polls for the others at a batch-statistics exchange before sleeping.
-SPIN_SECONDS = 2e-3
-
-
 class _AllSum:
     """Totals of one small array over ``parties`` threads, the same numbers on each: every
     thread adds the parts in rank order.  Two sets of slots, used in turn, so one wait per
@@ -230,6 +225,7 @@ class _AllSum:
         self._turn = [0] * parties
         self._arrived = [0] * parties   # calls each rank has reached
         self._broken = False
+        self._cond = threading.Condition()
 
     def all_sum(self, rank, partial):
         slots = self._slots[self._turn[rank]]
@@ -242,20 +238,21 @@ class _AllSum:
         return total
 
     def _wait(self, rank):
-        """Until every rank has reached this call.  Polls, yielding the GIL, for up to SPIN_SECONDS
-        (a blocked thread's idle core can take ~0.5 ms to wake on a virtual machine), then
-        sleeps in short steps."""
-        self._arrived[rank] += 1
-        target = self._arrived[rank]
-        start = time.perf_counter()
-        while min(self._arrived) < target:
-            if self._broken:
-                raise threading.BrokenBarrierError
-            time.sleep(0 if time.perf_counter() - start < SPIN_SECONDS else 1e-4)
+        """Until every rank has reached this call (or one has failed: BrokenBarrierError)."""
+        with self._cond:
+            self._arrived[rank] += 1
+            target = self._arrived[rank]
+            self._cond.notify_all()
+            while min(self._arrived) < target:
+                if self._broken:
+                    raise threading.BrokenBarrierError
+                self._cond.wait()
 
     def abort(self):
         """Make every waiting thread raise BrokenBarrierError (one replica failed)."""
-        self._broken = True
+        with self._cond:
+            self._broken = True
+            self._cond.notify_all()
 
     def reset(self):
         self._turn = [0] * self.parties
