@@ -186,6 +186,34 @@ def test_filter_cache_hits_and_sees_in_place_updates():
         weights *= 0.5
 
 
+def test_filter_cache_transforms_once_for_threads_asking_together(monkeypatch):
+    import threading
+    import time
+    winograd.clear_cache()
+    weights = problem(1, 8, 8, 3, 3)[1].astype(np.float32)
+    original = winograd.filter_transform
+    calls = []
+
+    def slow_transform(*args, **kwargs):  # long enough for the other threads to arrive
+        calls.append(1)
+        time.sleep(0.05)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(winograd, "filter_transform", slow_transform)
+    results = [None] * 3
+
+    def ask(k):
+        results[k] = winograd.cached_filter_transform(weights, 1)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert results[0] is results[1] is results[2]
+
+
 def test_filter_cache_entry_goes_with_the_array():
     winograd.clear_cache()
     weights = problem(1, 2, 2, 3, 3)[1]
