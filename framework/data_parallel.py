@@ -353,8 +353,9 @@ class DataParallelTraining:
                 blob.data = np.zeros(blob.shape, dtype=blob.dtype)
 
     def forward_backward(self):
-        """One forward and backward of the whole batch in ``net``'s Input blobs; returns the
-        loss and adds the parameter gradients into ``net``'s diffs (as Net.forward_backward)."""
+        """One forward and backward of the whole batch (read by ``net``'s data layers, or in its
+        Input blobs); returns the loss and adds the parameter gradients into ``net``'s diffs (as
+        Net.forward_backward)."""
         net = self.net
         for i in self._sources:  # the next batch, read once
             net.forward_from_to(i, i)
