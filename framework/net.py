@@ -620,14 +620,20 @@ class Net:
         return f"<Net '{self.name}' ({len(self.layers)} layers, phase {caffe_pb2.Phase.Name(self.phase)})>"
 
 
+#: dtype -> the 0-d zero array that every dropped blob's read-only stand-in views, so that a
+#: stand-in is told apart from any array a caller set (a broadcast constant input, say)
+_STAND_IN_ZEROS = {}
+
+
 def _release(blob):
     """Drop a blob's data array (memory-saving mode): a read-only zero view of its shape stands in."""
-    blob.data = np.broadcast_to(np.zeros((), dtype=blob.dtype), blob.shape)
+    zero = _STAND_IN_ZEROS.setdefault(blob.dtype, np.zeros((), dtype=blob.dtype))
+    blob.data = np.broadcast_to(zero, blob.shape)
 
 
 def _is_released(blob):
     data = blob.data
-    return data.size > 0 and not data.flags.writeable and not any(data.strides)
+    return data.base is not None and data.base is _STAND_IN_ZEROS.get(data.dtype)
 
 
 def _shape_str(shape):

@@ -149,3 +149,19 @@ def test_buffer_pool_takes_back_only_its_own_unshared_arrays():
     reused = pool.take((6,), np.float32)
     assert reused.base is blob.data.base and pool.free_nbytes == 0
     assert pool.take((3,), np.float64).nbytes == 24  # a new one (nothing free)
+
+
+@pytest.mark.parametrize("saving", [False, True])
+def test_a_broadcast_constant_input_is_not_taken_for_a_dropped_blob(saving):
+    # a caller may set an input to a read-only broadcast view; only the net's own stand-ins for
+    # dropped blobs are replaced by fresh arrays
+    net, plain = make_net(), make_net()
+    net.memory_saving = saving
+    constant = np.broadcast_to(np.float32(0.5), (3, 2, 5, 5))
+    net.blobs["data"].data = constant
+    plain.blobs["data"].data[...] = 0.5
+    for n in (net, plain):
+        n.blobs["label"].data[...] = [0, 2, 1]
+    assert net.forward_loss() == pytest.approx(plain.forward_loss())
+    assert net.blobs["data"].data is constant
+    np.testing.assert_array_equal(net.blobs["prob"].data, plain.blobs["prob"].data)
