@@ -288,15 +288,10 @@ class BatchNormLayer(Layer):
             return
         y3 = self._x_norm
         c = self.channels
-        if self.stats_sync is None:
-            inv_m = dy3.dtype.type(1.0 / (dy3.size // c))
-            mean_dy = dy3.sum(axis=(0, 2)) * inv_m
-            mean_dy_y = np.einsum("ncs,ncs->c", dy3, y3) * inv_m
-        else:
-            both, m = self._batch_sums(np.concatenate([dy3.sum(axis=(0, 2)),
-                                                       np.einsum("ncs,ncs->c", dy3, y3)]), dy3.size // c)
-            inv_m = dy3.dtype.type(1.0 / m)
-            mean_dy, mean_dy_y = both[:c] * inv_m, both[c:] * inv_m
+        both, m = self._batch_sums(np.concatenate([dy3.sum(axis=(0, 2)),
+                                                   np.einsum("ncs,ncs->c", dy3, y3)]), dy3.size // c)
+        inv_m = dy3.dtype.type(1.0 / m)
+        mean_dy, mean_dy_y = both[:c] * inv_m, both[c:] * inv_m
         # (dy - mean_dy - y * mean_dy_y) / std, in the same order, written into dx; in place
         # dx is dy, which the statistics above have already read
         n, c, s = dy3.shape

@@ -57,7 +57,8 @@ def _configured_threads():
 
 
 def executor():
-    """The shared pool (``copy_threads() - 1`` workers; the caller is the last) and the thread count."""
+    """The shared pool (the configured thread count minus one workers; the caller is the last)
+    and that thread count."""
     global _pool, _pool_threads
     threads = _configured_threads()
     with _pool_lock:
