@@ -411,15 +411,11 @@ class DataParallelTraining:
     def _gather_outputs(self, shares):
         """``net``'s scalar outputs: losses summed as weighted, others averaged by share."""
         net = self.net
-        producers = {}
-        for i, names in enumerate(net._top_name_lists):
-            for name in names:
-                producers[name] = i
         for name in net.outputs:
             values = [r.blobs[name].data for r in self.replicas]
             if any(v.size != 1 for v in values) or net.blobs[name].data.size != 1:
                 continue
-            i = producers.get(name)
+            i = net._producer_index(name)
             if i in self._loss_rules and not self._loss_rules[i]:
                 total = sum(float(v.reshape(-1)[0]) for v in values)
             else:
