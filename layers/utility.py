@@ -12,7 +12,7 @@ Caffe's ``ShareData`` does, so they cost no copy in forward.
 import numpy as np
 
 from framework.layer import Layer, register_layer
-from layers.parallel import in_blocks, split_apply
+from layers.parallel import in_blocks, matmul as split_matmul, split_apply
 from proto import caffe_pb2
 
 # --------------------------------------------------------------------------
@@ -142,10 +142,10 @@ class InnerProductLayer(Layer):
             # few rows: W (N, K) · xᵀ then a small transposed copy is the faster GEMM (OpenBLAS
             # streams the weights better as the left operand): CaffeNet's fc6 at batch 10
             # 16.7 -> 14.2 ms on 2 threads, 31.3 -> 25.6 on one; fc1000 at batch 8 0.63 -> 0.38
-            yt = np.matmul(self._weight_nk(), x.T)
+            yt = split_matmul(self._weight_nk(), x.T, np.empty((self.num_output, self.M), y.dtype))
             np.copyto(y, yt.T)
         else:
-            np.matmul(x, self._weight_nk().T, out=y)
+            split_matmul(x, self._weight_nk().T, y)
         if self.bias_term:
             y += self.blobs[1].data
 

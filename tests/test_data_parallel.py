@@ -106,6 +106,36 @@ def test_blas_runs_single_threaded_inside_and_as_before_after():
     assert blas_threads() == before
 
 
+def test_the_tail_splits_its_gemms_over_our_threads_with_blas_on_one_thread(monkeypatch):
+    from layers import parallel
+    monkeypatch.setattr(parallel, "SPLIT_GEMM_MIN_MACS", 0)
+    before = blas_threads()
+    x = images(6, seed=4)
+    want = make_net().forward(data=x)
+    dp = framework.DataParallelNet(make_net(), threads=2)
+    ip = dp.net.layers[dp.tail_start]
+    seen, calls = [], []
+    original_forward, original_matmul = ip.forward, parallel.np.matmul
+
+    def recording_forward(bottom, top):
+        seen.append(blas_threads())
+        return original_forward(bottom, top)
+
+    def recording_matmul(a, b, out=None):
+        calls.append(a.shape)
+        return original_matmul(a, b, out=out)
+
+    monkeypatch.setattr(ip, "forward", recording_forward)
+    monkeypatch.setattr(parallel.np, "matmul", recording_matmul)
+    got = dp.forward(data=x)
+    monkeypatch.undo()
+    np.testing.assert_allclose(got["prob"], want["prob"], rtol=1e-6, atol=1e-7)
+    assert seen and all(t == 1 for t in seen[0])   # no OpenBLAS worker left spinning afterwards
+    # W (5, K = 8·6·6) · xᵀ, its 5 rows in two shares (the other calls are the convolution's)
+    assert sorted(c for c in calls if c[-1] == 288) == [(2, 288), (3, 288)]
+    assert blas_threads() == before
+
+
 def test_a_single_image_runs_on_the_first_replica_alone():
     x = images(1)
     dp = framework.DataParallelNet(make_net(), threads=2)

@@ -1083,6 +1083,34 @@ def test_parallel_copy_splits_along_the_first_axis(monkeypatch):
     assert parallel.copy_threads() == 1
 
 
+@pytest.mark.parametrize("a_shape, b_shape", [((9, 7), (7, 5)), ((2, 3, 9, 7), (3, 7, 5)), ((3, 4), (4, 6))])
+def test_split_matmul_shares_the_rows_over_threads(monkeypatch, a_shape, b_shape):
+    monkeypatch.setattr(parallel, "SPLIT_GEMM_MIN_MACS", 0)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(a_shape).astype(np.float32)
+    b = rng.standard_normal(b_shape).astype(np.float32)
+    want = np.matmul(a.astype(np.float64), b)
+    shares = []
+    original = parallel.executor
+
+    def counting_executor():
+        pool, threads = original()
+        shares.append(threads)
+        return pool, threads
+
+    monkeypatch.setattr(parallel, "executor", counting_executor)
+    out = np.empty(want.shape, np.float32)
+    assert parallel.matmul(a, b, out) is out and not shares  # outside the block: one call
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    out[...] = np.nan
+    with parallel.gemms_on_our_threads():
+        parallel.matmul(a, b, out)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    # split when there are rows enough for two shares (3 rows are not)
+    assert shares == ([2] if a_shape[-2] >= 4 else [])
+
+
 def ref_pool_backward(dy, mask, shape, dtype=np.float64):
     """Caffe's MAX backward loop: dx = 0; dx[mask] += dy (mask −1: nothing), in output order,
     accumulated in ``dtype``."""
