@@ -36,8 +36,8 @@ from .net import _is_released, _release
 
 
 def _blas_threads():
-    from layers.parallel import copy_threads
-    return copy_threads()
+    from layers.parallel import _configured_threads
+    return _configured_threads()
 
 
 class _OnThreads:
@@ -56,11 +56,11 @@ class _OnThreads:
         """Context: BLAS held to one thread (process-wide) and :func:`layers.parallel.matmul`
         splitting large GEMMs over our pool instead, so that no OpenBLAS worker is left
         spinning when the replicas next start."""
-        from layers.parallel import gemms_on_our_threads
+        from layers.parallel import split_over_our_threads
 
         stack = contextlib.ExitStack()
         stack.enter_context(self._blas.limit(limits=1, user_api="blas"))
-        stack.enter_context(gemms_on_our_threads())
+        stack.enter_context(split_over_our_threads())
         return stack
 
     def run(self, task, parts):

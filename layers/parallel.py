@@ -1,12 +1,16 @@
-"""Memory-bound NumPy passes split over threads.
+"""Memory-bound NumPy passes and GEMMs split over threads of our own.
 
 NumPy's copies and ufuncs run on one core; BLAS uses all of them.  Large
 element-wise passes (im2col, transposed copies, bias adds, normalisation,
-activations) are split along their first axis over a few threads: NumPy
-releases the GIL inside each pass, so on two cores they take about half the
-time.  The thread count follows the BLAS setting (``OPENBLAS_NUM_THREADS`` /
-``OMP_NUM_THREADS``, else all cores), so ``--threads 1`` keeps everything on
-one core.
+activations) can be split along their first axis over a few threads: NumPy
+releases the GIL inside each pass.  That pays only where BLAS is held to one
+thread: after each multi-threaded GEMM, OpenBLAS's idle workers busy-wait on
+the other cores for ~0.1 s, and a pass's share that runs there goes at about
+half speed, so splitting gains nothing (see SPLIT_ALONGSIDE_BLAS).  Passes are
+therefore split only inside :func:`split_over_our_threads`, whose callers hold
+BLAS to one thread (framework.data_parallel); there :func:`matmul` splits large
+GEMMs as well.  The thread count follows the BLAS setting
+(``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS``, else all cores).
 """
 import contextlib
 import os
@@ -42,10 +46,24 @@ def one_thread_per_pass():
         _thread_state.alone = previous
 
 
+#: Split passes over threads also while BLAS runs multi-threaded (outside
+#: :func:`split_over_our_threads`).  Off: OpenBLAS's spinning workers (module docstring) leave
+#: the second share about half a core.  Measured per forward or step, unsplit / split, with
+#: BLAS on 2 threads: ResNet-50 b1 (folded) 0.98-0.99, b8 0.96, training b8 1.00, LeNet
+#: training 0.97, CaffeNet b10 0.99.  (Tests switch it on to check the split code paths.)
+SPLIT_ALONGSIDE_BLAS = False
+
+
 def copy_threads():
     """Threads for memory-bound passes: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS if set, else all
-    cores; 1 inside :func:`one_thread_per_pass`."""
-    return 1 if getattr(_thread_state, "alone", False) else _configured_threads()
+    cores, inside :func:`split_over_our_threads` (or with SPLIT_ALONGSIDE_BLAS); otherwise 1, as
+    inside :func:`one_thread_per_pass`."""
+    state = _thread_state
+    if getattr(state, "alone", False):
+        return 1
+    if SPLIT_ALONGSIDE_BLAS or getattr(state, "split", False):
+        return _configured_threads()
+    return 1
 
 
 def _configured_threads():
@@ -71,19 +89,17 @@ def executor():
 
 
 @contextlib.contextmanager
-def gemms_on_our_threads():
-    """Within the block, :func:`matmul` splits large GEMMs over the shared pool (each share a
-    single-threaded BLAS call).  For callers that hold BLAS to one thread
-    (framework.data_parallel) so that no OpenBLAS worker is left spinning on a core afterwards:
-    after a multi-threaded GEMM, OpenBLAS's idle workers busy-wait ~0.1 s, and threads that run
-    next on those cores go about half speed (measured: two one-thread GEMM streams right
-    after a two-thread GEMM took 79 ms instead of 43)."""
-    previous = getattr(_thread_state, "split_gemms", False)
-    _thread_state.split_gemms = True
+def split_over_our_threads():
+    """Within the block, this thread's large passes (:func:`split_apply`) and GEMMs
+    (:func:`matmul`) are split over the shared pool.  For callers that hold BLAS to one thread
+    meanwhile, so that no OpenBLAS worker spins on the other cores (measured: two one-thread
+    GEMM streams right after a two-thread GEMM took 79 ms instead of 43)."""
+    previous = getattr(_thread_state, "split", False)
+    _thread_state.split = True
     try:
         yield
     finally:
-        _thread_state.split_gemms = previous
+        _thread_state.split = previous
 
 
 #: :func:`matmul` splits GEMMs of at least this many multiply-adds (a hand-off to the pool costs
@@ -92,10 +108,10 @@ SPLIT_GEMM_MIN_MACS = 4 << 20
 
 
 def matmul(a, b, out):
-    """``np.matmul(a, b, out=out)``; inside :func:`gemms_on_our_threads`, a large one is split
+    """``np.matmul(a, b, out=out)``; inside :func:`split_over_our_threads`, a large one is split
     over the pool along the rows of ``a`` and ``out`` (``b`` is read whole by every share)."""
     rows = a.shape[-2]
-    threads = copy_threads() if getattr(_thread_state, "split_gemms", False) else 1
+    threads = copy_threads() if getattr(_thread_state, "split", False) else 1
     if threads <= 1 or rows < 2 * threads or out.size * a.shape[-1] < SPLIT_GEMM_MIN_MACS:
         return np.matmul(a, b, out=out)
     pool, threads = executor()

@@ -14,8 +14,8 @@ Small maps with kernels larger than 1x1 use a third, position-major column
 order (image fastest) in which im2col/col2im copy long contiguous runs.
 Pooling loops over the kernel offsets too (MAX separably in TEST; MAX over
 disjoint windows keeps its argmax as tap numbers and routes gradients by a
-bitwise select per tap).  Large memory-bound copies are split over the BLAS
-thread count (NumPy's own passes use one core).
+bitwise select per tap).  Large memory-bound copies can be split over threads
+(:mod:`layers.parallel`: where BLAS is held to one thread).
 """
 import threading
 

@@ -26,8 +26,8 @@ any group count, float32 or float64):
   copy per output parity into y[..., a::2, b::2], which also crops the
   partial tiles of odd sizes.  The bias is added to M at position (1, 1),
   which Aᵀ·A spreads to the four outputs of the tile with weight 1.
-Both transforms run over blocks of about ``BLOCK_BYTES`` and are split over
-the threads of :mod:`layers.parallel`; V, M and the block buffers are
+Both transforms run over blocks of about ``BLOCK_BYTES``, split over the
+threads of :mod:`layers.parallel` where it splits passes; V, M and the block buffers are
 :mod:`layers.vision`'s reusable scratch arrays.
 
 Accuracy: the transforms' coefficients are 0, ±1 and ±1/2 and the tile is
@@ -82,8 +82,8 @@ ERROR_BOUND = 2e-6
 BLOCK_BYTES = 4 << 20
 
 #: Transforms over at least this many bytes (of V or M) are split over the copy
-#: threads of layers.vision; below it the hand-offs cost more than they save
-#: (measured on 2 cores: 3 MB loses 40%, 6 MB gains 15%, 25 MB gains 30%).
+#: threads of layers.parallel (where it splits passes at all); below it the hand-offs cost
+#: more than they save (measured on 2 cores: 3 MB loses 40%, 6 MB gains 15%, 25 MB gains 30%).
 SPLIT_MIN_BYTES = 6 << 20
 
 #: Dispatch rule (see use_winograd): at least this many input and output

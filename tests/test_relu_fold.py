@@ -117,6 +117,7 @@ def test_training_gradients_equal_with_folding():
 def test_conv_forward_relu_is_max_of_the_plain_forward(monkeypatch, n, c, m, size, kernel, layout, bias):
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 64)  # several blocks per image and thread
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)  # split over threads even when small
+    monkeypatch.setattr(parallel, "SPLIT_ALONGSIDE_BLAS", True)
     rng = np.random.default_rng(3)
     pad = kernel // 2
     g = vision.ConvGeometry(c, (size, size), (size, size), (kernel, kernel), (1, 1), (pad, pad), (1, 1), 1)
@@ -138,6 +139,7 @@ def test_conv_forward_relu_is_max_of_the_plain_forward(monkeypatch, n, c, m, siz
 
 def test_eltwise_sum_relu_blocks_and_threads(monkeypatch):
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "SPLIT_ALONGSIDE_BLAS", True)
     from layers import utility
     monkeypatch.setattr(parallel, "BLOCK_BYTES", 40)
     rng = np.random.default_rng(4)

@@ -927,6 +927,7 @@ def conv_layout(request, monkeypatch):
     monkeypatch.setattr(vision, "THIN_WGRAD_OUTPUTS", 0 if request.param.endswith("_wide") else 64)
     monkeypatch.setattr(vision, "PM_BLOCK_BYTES", 1 if request.param == "position_major" else 1 << 30)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "SPLIT_ALONGSIDE_BLAS", True)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     return request.param
 
@@ -1070,6 +1071,7 @@ def test_deconv_uses_both_layouts(conv_layout):
 def test_parallel_copy_splits_along_the_first_axis(monkeypatch):
     from layers import vision
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "SPLIT_ALONGSIDE_BLAS", True)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")
     assert parallel.copy_threads() == min(3, __import__("os").cpu_count())
     src = np.arange(5 * 7 * 3, dtype=np.float32).reshape(5, 7, 3)
@@ -1083,10 +1085,23 @@ def test_parallel_copy_splits_along_the_first_axis(monkeypatch):
     assert parallel.copy_threads() == 1
 
 
+def test_passes_are_split_only_where_blas_is_held_to_one_thread(monkeypatch):
+    # OpenBLAS's idle workers spin beside a multi-threaded GEMM's caller: no split by default
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    monkeypatch.setattr(parallel, "_CPU_COUNT", 4)
+    assert parallel.copy_threads() == 1
+    with parallel.split_over_our_threads():
+        assert parallel.copy_threads() == 2
+        with parallel.one_thread_per_pass():
+            assert parallel.copy_threads() == 1
+    assert parallel.copy_threads() == 1
+
+
 @pytest.mark.parametrize("a_shape, b_shape", [((9, 7), (7, 5)), ((2, 3, 9, 7), (3, 7, 5)), ((3, 4), (4, 6))])
 def test_split_matmul_shares_the_rows_over_threads(monkeypatch, a_shape, b_shape):
     monkeypatch.setattr(parallel, "SPLIT_GEMM_MIN_MACS", 0)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    monkeypatch.setattr(parallel, "_CPU_COUNT", 4)
     rng = np.random.default_rng(3)
     a = rng.standard_normal(a_shape).astype(np.float32)
     b = rng.standard_normal(b_shape).astype(np.float32)
@@ -1104,7 +1119,7 @@ def test_split_matmul_shares_the_rows_over_threads(monkeypatch, a_shape, b_shape
     assert parallel.matmul(a, b, out) is out and not shares  # outside the block: one call
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     out[...] = np.nan
-    with parallel.gemms_on_our_threads():
+    with parallel.split_over_our_threads():
         parallel.matmul(a, b, out)
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     # split when there are rows enough for two shares (3 rows are not)
@@ -1176,6 +1191,7 @@ def test_max_pooling_overlapping_windows_match_caffe_loops(monkeypatch, params, 
     (each element sums its windows in Caffe's order), also split over threads."""
     if threaded:
         monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(parallel, "SPLIT_ALONGSIDE_BLAS", True)
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     x = rand(*shape, seed=23)
     x[0, 0, 0:3, 0:3] = 0.5  # ties across overlapping windows
@@ -1208,6 +1224,7 @@ def test_test_phase_max_pooling_threaded_matches_loops(monkeypatch, params, k, s
     """TEST phase without a mask top takes the separable, plane-split path."""
     from layers import vision
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "SPLIT_ALONGSIDE_BLAS", True)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
     x = rand(3, 5, 9, 8, seed=9)
     x[0, 0, 0, :] = np.nan  # fmax: NaN never wins (Caffe's '>')

@@ -120,6 +120,7 @@ def test_blocks_and_threads_match(monkeypatch, block_bytes, threads, blocks):
     monkeypatch.setattr(winograd, "BLOCK_BYTES", block_bytes)
     monkeypatch.setattr(winograd, "SPLIT_MIN_BYTES", 0)
     monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(parallel, "SPLIT_ALONGSIDE_BLAS", True)
     monkeypatch.setattr(parallel, "copy_threads", lambda: threads)
     assert len(winograd._blocks(6, 5, 16 * 4 * 5 * 8, winograd._threads(1))) == blocks
     x, weights, b = problem(6, 5, 4, 9, 7, seed=4)
