@@ -201,14 +201,6 @@ def cached_filter_transform(weights, group):
         with _cache_lock:
             _cache[key] = (ref, weights.copy(), u)
     return u
-    u = filter_transform(weights, group)
-    try:
-        ref = weakref.ref(weights, _forget(key))
-    except TypeError:  # not weak-referenceable: do not cache
-        return u
-    with _cache_lock:
-        _cache[key] = (ref, weights.copy(), u)
-    return u
 
 
 # -- input and output transforms ----------------------------------------------------
