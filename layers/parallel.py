@@ -66,6 +66,16 @@ def copy_threads():
     return 1
 
 
+def gemm_threads():
+    """Threads a GEMM called on this thread runs on, as far as this module knows: 1 inside
+    :func:`one_thread_per_pass` or :func:`split_over_our_threads` (their callers hold BLAS to
+    one thread), else the configured count."""
+    state = _thread_state
+    if getattr(state, "alone", False) or getattr(state, "split", False):
+        return 1
+    return _configured_threads()
+
+
 def _configured_threads():
     for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         value = os.environ.get(name, "")

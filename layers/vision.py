@@ -527,11 +527,16 @@ def conv_backward(x, dy, weights, geom, dx=None, weight_grad=True, bias_grad=Fal
     given (``weights`` is needed only then).  Per-image layout: dy·colsᵀ per
     image summed over the images (Caffe's order), dx = col2im(Wᵀ·dy).
     Batch-merged: dy transposed once, the weight gradient one GEMM over n·O
-    columns, dx = col2im_batch(Wᵀ·dyᵀ).  The input gradient of wide 3x3 stride-1
-    convolutions goes through Winograd instead
-    (:func:`layers.winograd.use_for_data_gradient`).
+    columns, dx = col2im_batch(Wᵀ·dyᵀ).  The weight and input gradients of wide 3x3
+    stride-1 convolutions go through Winograd instead
+    (:func:`layers.winograd.use_for_weight_gradient`, :func:`layers.winograd.use_for_data_gradient`).
     """
     from layers import winograd  # here, not at the top: winograd imports this module
+    if not (weight_grad or bias_grad or dx is not None):
+        return None, None
+    if weight_grad and winograd.use_for_weight_gradient(x, dy, geom):
+        wgrad = winograd.conv_weight_grad(x, dy, geom)
+        return wgrad, conv_backward(None, dy, weights, geom, dx, False, bias_grad)[1]
     if dx is not None and winograd.use_for_data_gradient(dy, weights, geom):
         wgrad, bgrad = conv_backward(x, dy, None, geom, None, weight_grad, bias_grad)
         winograd.conv_backward_data(dy, weights, geom, dx)

@@ -1,4 +1,4 @@
-"""Winograd F(2x2, 3x3) convolution forward and input gradient (Lavin & Gray,
+"""Winograd F(2x2, 3x3) convolution forward, input and weight gradients (Lavin & Gray,
 "Fast Algorithms for Convolutional Neural Networks", 2016).
 
 Each 2x2 block of outputs is computed from a 4x4 tile d of the padded input
@@ -49,7 +49,8 @@ by 2 − pad, with the filters transposed (K <-> C) and flipped; the flipped
 filters' transform is the forward's at mirrored positions, so the cached U
 serves both (the forward's GEMMs take U[p] transposed, the gradient's U[mirror(p)]
 as stored).  Same transforms,
-same accuracy; the weight gradient stays on im2col.
+same accuracy.  The weight gradient (:func:`conv_weight_grad`, see "weight gradient" below)
+reuses the input transform and sums the tiles inside 16 GEMMs.
 
 Filter cache: solvers update the weights in place, so the array identity
 alone cannot tell stale weights.  Each cache entry keeps a copy of the weights
@@ -386,6 +387,101 @@ def conv_backward_data(dy, weights, geom, dx):
         u = u.astype(dy.dtype)
     pad = tuple(2 - p for p in geom.pad)
     return _convolve(dy, u, True, geom.channels, pad, geom.group, geom.in_shape, dx, None, False)
+
+
+# -- weight gradient -----------------------------------------------------------------
+#
+# The forward is linear in the filter g: Y = Aᵀ [(G g Gᵀ) ⊙ V] A per tile, V = Bᵀ d B.  Its
+# adjoint gives the weight gradient as a sum over the tiles of every image:
+#
+#     dL/dg = Gᵀ [ Σ_tiles (A dY Aᵀ) ⊙ V ] G
+#
+# (the adjoint of g -> G g Gᵀ is M -> Gᵀ M G, of M -> Aᵀ M A is dY -> A dY Aᵀ, and ⊙ V is its
+# own adjoint).  So: V as in the forward, the 2x2 blocks of dy spread to 4x4 tiles by A (adds
+# only), 16 GEMMs M[p] (K, C) = W[p]ᵀ (K, tiles) · V[p] (tiles, C) that also sum over the
+# tiles, and one small GEMM with (G ⊗ G)ᵀ back to the nine taps: 16/36 of im2col's
+# multiply-adds, and no column matrix (9x the input) to write and read.
+
+# A's rows are (1, 0), (1, 1), (1, −1), (0, −1).  Row 3 is computed without its minus sign
+# (dy's second row as it is), so positions p = 4i + j with i == 3 or j == 3 carry a sign,
+# which the final transform puts back: column p of (G ⊗ G)ᵀ times _SIGNS[p].
+_SIGNS = np.array([(-1.0) ** ((i == 3) + (j == 3)) for i in range(4) for j in range(4)])
+_GG_T_SIGNED = _GG.T * _SIGNS
+
+
+#: The weight gradient goes through Winograd from this many output tiles, n·⌈Ho/2⌉·⌈Wo/2⌉:
+#: its 16 (K, C) partial sums and their final transform cost the same whatever the tile
+#: count, and with fewer tiles im2col was faster (measured on one thread, ResNet-50's shapes:
+#: 7x7 maps at 64 and 128 tiles 1.31x and 1.04x im2col's time, 14x14 at 98 tiles 0.85x).
+WGRAD_MIN_TILES = 160
+#: ... and, when BLAS runs on several threads (the im2col GEMM speeds up, the transforms, one
+#: pass per core, do not), this many channels per group both ways: with 64 the transforms
+#: outweigh the saved multiply-adds (2 threads: 56x56 maps 1.11-1.21x im2col's time;
+#: 128 channels 0.87-0.94x, 256 0.82-0.98x; on one thread 64 channels gain, 0.72-0.84x).
+WGRAD_MIN_CHANNELS_ON_THREADS = 128
+
+
+def use_for_weight_gradient(x, dy, geom):
+    """Whether :func:`conv_weight_grad` takes this convolution's weight gradient: ENABLED, a 2-D
+    3x3 stride-1 undilated float32/float64 convolution with >= MIN_CHANNELS channels per group
+    both ways (WGRAD_MIN_CHANNELS_ON_THREADS when BLAS runs on several threads) and
+    >= WGRAD_MIN_TILES output tiles."""
+    if not ENABLED or x.dtype not in (np.float32, np.float64) or dy.dtype != x.dtype:
+        return False
+    if len(geom.kernel) != 2 or geom.kernel != (3, 3) or geom.stride != (1, 1) or geom.dilation != (1, 1):
+        return False
+    channels = MIN_CHANNELS if parallel.gemm_threads() == 1 else WGRAD_MIN_CHANNELS_ON_THREADS
+    if geom.channels // geom.group < channels or dy.shape[1] // geom.group < channels:
+        return False
+    ho, wo = geom.out_shape
+    return x.shape[0] * ((ho + 1) // 2) * ((wo + 1) // 2) >= WGRAD_MIN_TILES
+
+
+def conv_weight_grad(x, dy, geom):
+    """Weight gradient of a 3x3 stride-1 convolution by Winograd, summed over the images:
+    (K, C/G·9) in Caffe's layout (rows K, columns c·9 + 3·i + j), from x (n, C, H, W) and
+    dy (n, K, Ho, Wo)."""
+    n, c = x.shape[:2]
+    k = dy.shape[1]
+    g = geom.group
+    ho, wo = geom.out_shape
+    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    tiles = n * th * tw
+    v = _scratch((16, n, th, tw, c), x.dtype, "winograd-v")
+    _over_blocks(lambda *block: _input_transform(x, geom.pad, v, *block), n, th, 16 * tw * c * x.itemsize)
+    w = _scratch((16, n, th, tw, k), x.dtype, "winograd-m")
+    _over_blocks(lambda *block: _gradient_transform(dy, w, *block), n, th, 16 * tw * k * x.itemsize)
+    # per group: M[p] (K/G, C/G) = W[p]ᵀ (K/G, tiles) · V[p] (tiles, C/G)
+    vs = _view(v, (16, tiles, g, c // g)).swapaxes(1, 2)
+    ws = _view(w, (16, tiles, g, k // g)).swapaxes(1, 2)
+    m = np.matmul(ws.swapaxes(-1, -2), vs)  # (16, G, K/G, C/G)
+    taps = np.matmul(_GG_T_SIGNED.astype(x.dtype), m.reshape(16, -1))  # (9, K·C/G)
+    return np.ascontiguousarray(taps.T).reshape(k, (c // g) * 9)
+
+
+def _gradient_transform(dy, w, images, ty0, ty1):
+    """W[p, images, ty0:ty1] = (A dY Aᵀ)[p] (rows 3 without their sign, see _SIGNS) for the 2x2
+    blocks dY of dy (n, K, Ho, Wo) in those tile rows, zero past the edges; w (16, n, th, tw, K)."""
+    ho, wo = dy.shape[2:]
+    wb = w[:, images, ty0:ty1]
+    dys = dy[images]
+    # the four corners p = 0, 3, 12, 15 are dy's own values: (a, b) -> position 12a + 3b
+    for a in (0, 1):
+        rows = dys[:, :, 2 * ty0 + a:min(ho, 2 * ty1):2]
+        for b in (0, 1):
+            src = rows[:, :, :, b::2].transpose(0, 2, 3, 1)
+            dst = wb[12 * a + 3 * b]
+            if src.shape[1:3] != dst.shape[1:3]:
+                dst.fill(0)  # the last tile row or column of an odd size
+            np.copyto(dst[:, :src.shape[1], :src.shape[2]], src)
+    # columns of the rows i = 0 and 3: j = 1, 2 from j = 0, 3 ...
+    for base in (0, 12):
+        np.add(wb[base], wb[base + 3], out=wb[base + 1])
+        np.subtract(wb[base], wb[base + 3], out=wb[base + 2])
+    # ... then the rows i = 1, 2 from the rows 0 and 3
+    for j in range(4):
+        np.add(wb[j], wb[12 + j], out=wb[4 + j])
+        np.subtract(wb[j], wb[12 + j], out=wb[8 + j])
 
 
 def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):

@@ -6,6 +6,7 @@ the im2col path; the filter cache is checked against in-place weight
 updates; a whole Convolution layer gives the same forward with the fast
 path on and off, and its gradients (im2col backward) still check.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -242,6 +243,8 @@ def everywhere(monkeypatch):
     monkeypatch.setattr(winograd, "ENABLED", True)
     monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     monkeypatch.setattr(winograd, "MIN_TILES", 1)
+    monkeypatch.setattr(winograd, "WGRAD_MIN_TILES", 1)
+    monkeypatch.setattr(winograd, "WGRAD_MIN_CHANNELS_ON_THREADS", 1)
 
 
 def count_calls(monkeypatch, name):
@@ -330,14 +333,21 @@ def count_data_gradient(monkeypatch):
     return count_calls(monkeypatch, "conv_backward_data")
 
 
+@pytest.fixture
+def count_weight_gradient(monkeypatch):
+    return count_calls(monkeypatch, "conv_weight_grad")
+
+
 @pytest.mark.parametrize("pad", [0, 1, 2])
-def test_gradients_check_with_winograd_forward_and_data_gradient(everywhere, count_winograd,
-                                                                  count_data_gradient, pad):
-    # forward and input gradient by Winograd (thresholds lowered to reach a small layer),
-    # weight gradient by im2col
+def test_gradients_check_with_winograd_forward_and_both_gradients(everywhere, count_winograd,
+                                                                  count_data_gradient,
+                                                                  count_weight_gradient, pad):
+    # forward, input and weight gradients by Winograd (thresholds lowered to reach a small
+    # layer), the bias gradient beside the weight gradient's
     layer = layer_from_text(conv_layer_text(3, f"kernel_size: 3 pad: {pad} group: 1"))
+    assert layer.layer_param.convolution_param.bias_term
     check_gradient(layer, [make_blob(np.random.default_rng(8).uniform(-1, 1, (2, 2, 4, 5)))], [Blob()])
-    assert count_winograd and count_data_gradient
+    assert count_winograd and count_data_gradient and count_weight_gradient
 
 
 def im2col_data_gradient(dy, weights, geom):
@@ -389,6 +399,63 @@ def test_data_gradient_dispatch():
     assert not winograd.use_for_data_gradient(fake_input(8, c, 20), w, geometry(c, 16, 16, 3))  # pad 3
     small = np.zeros((8, 8, 3, 3), np.float32)
     assert not winograd.use_for_data_gradient(fake_input(8, 8, 16), small, geometry(8, 16, 16, 1))
+
+
+def im2col_weight_gradient(x, dy, geom):
+    saved = winograd.ENABLED
+    winograd.ENABLED = False
+    try:
+        return vision.conv_backward(x, dy, None, geom)[0]
+    finally:
+        winograd.ENABLED = saved
+
+
+@pytest.mark.parametrize("n, c, k, h, w, pad, group", [
+    (2, 4, 6, 7, 8, 1, 1), (1, 6, 4, 5, 5, 0, 2), (3, 4, 4, 6, 9, 2, 1), (2, 8, 8, 4, 4, 1, 4),
+    (1, 3, 5, 3, 3, 0, 1),
+])
+def test_weight_gradient_matches_im2col_in_float64(everywhere, n, c, k, h, w, pad, group):
+    geom = geometry(c, h, w, pad, group)
+    x = np.random.default_rng(16).standard_normal((n, c, h, w))
+    dy = np.random.default_rng(17).standard_normal((n, k) + geom.out_shape)
+    assert winograd.use_for_weight_gradient(x, dy, geom)
+    got = winograd.conv_weight_grad(x, dy, geom)
+    assert got.shape == (k, c // group * 9) and got.flags.c_contiguous
+    np.testing.assert_allclose(got, im2col_weight_gradient(x, dy, geom), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c, h", [(64, 16), (256, 12)])
+def test_weight_gradient_float32_error_bound(c, h):
+    # the real dispatch of a replica on one thread: ResNet-like channels, 8 images
+    geom = geometry(c, h, h, 1)
+    x = np.random.default_rng(18).standard_normal((8, c, h, h)).astype(np.float32)
+    dy = np.random.default_rng(19).standard_normal((8, c, h, h)).astype(np.float32)
+    with parallel.one_thread_per_pass():
+        assert winograd.use_for_weight_gradient(x, dy, geom) == winograd.ENABLED
+    ref = im2col_weight_gradient(x.astype(np.float64), dy.astype(np.float64), geom)
+    exact_err = rel_error(im2col_weight_gradient(x, dy, geom), ref)
+    err = rel_error(winograd.conv_weight_grad(x, dy, geom), ref)
+    assert err <= winograd.ERROR_BOUND and err <= 4 * exact_err
+
+
+@pytest.mark.parametrize("n, c, h, alone, expected", [
+    (8, 64, 56, True, True), (8, 64, 56, False, False),      # 64 channels: only on one thread
+    (4, 128, 28, False, True), (8, 256, 14, False, True),
+    (2, 256, 14, True, False), (8, 512, 7, True, False),     # 98 and 128 tiles
+    (4, 256, 14, True, True),                                # 196 tiles
+    (8, 32, 32, True, False),                                # too few channels
+])
+def test_weight_gradient_dispatch(monkeypatch, n, c, h, alone, expected):
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    monkeypatch.setattr(parallel, "_CPU_COUNT", 2)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    x = fake_input(n, c, h)
+    geom = geometry(c, h, h, 1)
+    with parallel.one_thread_per_pass() if alone else contextlib.nullcontext():
+        assert winograd.use_for_weight_gradient(x, x, geom) == expected
+        monkeypatch.setattr(winograd, "ENABLED", False)
+        assert not winograd.use_for_weight_gradient(x, x, geom)
 
 
 def test_deconvolution_backward_uses_the_same_forward(monkeypatch, everywhere, count_winograd):
