@@ -53,9 +53,9 @@ class _OnThreads:
         self._blas = ThreadpoolController()
 
     def blas_on_one_thread(self):
-        """Context: BLAS held to one thread (process-wide) and :func:`layers.parallel.matmul`
-        splitting large GEMMs over our pool instead, so that no OpenBLAS worker is left
-        spinning when the replicas next start."""
+        """Context: BLAS held to one thread (process-wide), and this thread's large passes and
+        GEMMs (:func:`layers.parallel.matmul`) split over our pool instead, so that no OpenBLAS
+        worker is left spinning when the replicas next start."""
         from layers.parallel import split_over_our_threads
 
         stack = contextlib.ExitStack()
@@ -155,7 +155,7 @@ class DataParallelNet:
         # the fully connected tail once over the whole batch, its GEMMs split over the cores by
         # rows of the weights: they are read once instead of once per replica.  BLAS stays on
         # one thread: a multi-threaded GEMM here would leave an OpenBLAS worker spinning into
-        # the next forward's replicas (CaffeNet b10 called back to back: 142 -> 102 ms).
+        # the next forward's replicas (CaffeNet b10 called back to back: 142 -> 104 ms).
         for name in self._tail_inputs:
             head.blobs[name].reshape(joined[name].shape)
             head.blobs[name].data[...] = joined[name]
