@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import random
 from .blob import Blob
 from .errors import NetError
 from .net import _is_released, _release
@@ -308,8 +309,11 @@ class DataParallelTraining:
     bottoms and losses not averaged over the batch are refused, naming the layer.  Batches
     smaller than ``threads`` run on ``net`` itself.  Use :func:`enable_training`.
 
-    Random layers (Dropout) draw from the shared generator in whatever order the replicas
-    ask, so such runs are not repeatable draw for draw.  ``net``'s own activation blobs
+    Random layers (Dropout) draw from one generator per replica, seeded at each step in rank
+    order from a generator seeded from the global one (``framework.set_random_seed``) when the
+    replicas are built: runs are repeatable for a given seed and thread count (their draws
+    differ from a one-thread run's; data layers draw from the global generator as before).  ``net``'s own
+    activation blobs
     (all but its inputs, data-layer tops and outputs) are not computed and their arrays are
     freed meanwhile (they read as zeros); a forward of ``net`` itself, as a solver's last
     display does, gets them back for its layers.
@@ -345,6 +349,7 @@ class DataParallelTraining:
                     layer.blobs[j] = own[id(blob)]
             replica._collect_params()
         self._sync = _AllSum(self.threads)
+        self._seeder = np.random.default_rng(int(random.rng().integers(2 ** 63)))  # replica streams
         self._loss_rules = {}
         for rank, replica in enumerate(self.replicas):
             for i, layer in enumerate(replica.layers):
@@ -399,6 +404,10 @@ class DataParallelTraining:
             stand_ins[0].share_diff(blob)  # the first replica adds straight into net's gradients
         self._sync.reset()
         shared = list(self._shared.values())
+        # one random stream per replica, seeded in rank order: the draws do not depend on
+        # which thread reaches its Dropout first (and the global stream, which data layers
+        # draw from, is not touched: the same data as a one-thread run)
+        seeds = self._seeder.integers(2 ** 63, size=self.threads)
 
         def run(rank):
             try:
@@ -406,7 +415,8 @@ class DataParallelTraining:
                     for _, stand_ins in shared:
                         if stand_ins[rank].has_diff:
                             stand_ins[rank].diff[...] = 0
-                return self.replicas[rank].forward_backward()
+                with random.thread_generator(np.random.default_rng(int(seeds[rank]))):
+                    return self.replicas[rank].forward_backward()
             except BaseException:
                 self._sync.abort()  # the others would wait for it at the next exchange
                 raise

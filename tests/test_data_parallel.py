@@ -234,6 +234,45 @@ def test_training_with_a_solver_follows_the_same_weights():
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+DROPOUT_NET = SOLVER_NET.replace(
+    'layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"',
+    'layer { name: "drop" type: "Dropout" bottom: "conv" top: "conv" dropout_param { dropout_ratio: 0.5 } }\n'
+    'layer { name: "ip" type: "InnerProduct" bottom: "conv" top: "ip"')
+
+
+@pytest.mark.parametrize("late", [0, 1])
+def test_dropout_draws_do_not_depend_on_which_replica_gets_there_first(late):
+    import time
+    from benchmarks.benchmark import solver_param
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, 5).astype(np.float32)
+
+    def train(seed, late_rank):
+        framework.set_random_seed(seed)
+        solver = framework.get_solver(solver_param(text_format.Parse(DROPOUT_NET, caffe_pb2.NetParameter())))
+        solver.net.blobs["data"].data[...] = x
+        solver.net.blobs["label"].data[...] = labels
+        trainer = data_parallel.enable_training(solver.net, 2)
+        drop = trainer.replicas[late_rank].layers[solver.net.layer_names.index("drop")]
+        original = drop.forward
+
+        def late_forward(bottom, top):  # the other replica draws its mask first
+            time.sleep(0.05)
+            return original(bottom, top)
+
+        drop.forward = late_forward
+        solver.step(3)
+        return [b.data.copy() for b in solver.net.learnable_params]
+
+    want = train(15, late)
+    got = train(15, 1 - late)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    other_seed = train(16, late)
+    assert any(not np.array_equal(a, b) for a, b in zip(other_seed, want))
+
+
 def test_a_batch_smaller_than_the_threads_runs_on_the_net_itself():
     plain, split = make_bn_net(), make_bn_net()
     data_parallel.enable_training(split, 4)  # batch 3
