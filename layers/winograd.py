@@ -94,6 +94,16 @@ MIN_CHANNELS = 64
 MIN_TILES = 48
 
 
+#: Winograd for a single image while BLAS runs on several threads.  Off: the GEMMs then run
+#: on every core and the transforms (NumPy passes, unsplit beside BLAS: layers.parallel) on
+#: one, and a single image's im2col needs no transposes (per-image layout).  Measured on the
+#: second machine (docs/benchmarks.md), forward with bias and ReLU, 2 threads: ResNet-50's
+#: 3x3 shapes at batch 1 took 1.06-1.25x im2col's time through Winograd; at batch 2
+#: 0.96-1.06x, at batches 4 and 8 0.69-0.99x (7x7 at batch 4 1.13x).  On one thread
+#: (data-parallel replicas) Winograd stays.
+SINGLE_IMAGE_ON_THREADS = False
+
+
 # Lavin & Gray's F(2x2, 3x3) matrices.  The transforms below are hand-expanded
 # adds of these rows (the tests check them against the matrices).
 BT = np.array([[1, 0, -1, 0],
@@ -126,11 +136,14 @@ def use_winograd(x, weights, geom):
     bound by reading the transformed weights, 16/9 the size of the
     originals, and it is up to 1.8x slower.  With fewer than 64 channels per
     group the results were mixed (16-32 channels: 0.9x-1.3x), so those keep
-    im2col.
+    im2col.  With GEMMs on several threads, a single image keeps im2col too
+    (SINGLE_IMAGE_ON_THREADS).
     """
     if not ENABLED or not supports(x, weights, geom):
         return False
     if geom.channels // geom.group < MIN_CHANNELS or weights.shape[0] // geom.group < MIN_CHANNELS:
+        return False
+    if x.shape[0] == 1 and not SINGLE_IMAGE_ON_THREADS and parallel.gemm_threads() > 1:
         return False
     ho, wo = geom.out_shape
     return x.shape[0] * ((ho + 1) // 2) * ((wo + 1) // 2) >= MIN_TILES

@@ -308,13 +308,34 @@ def fake_input(n, c, h, dtype=np.float32):
     (8, 32, 32, False),                                          # too few channels
 ])
 def test_dispatch_rule(monkeypatch, n, c, h, expected):
+    # GEMMs on one thread, as in a data-parallel replica
     monkeypatch.setattr(winograd, "ENABLED", True)
     x, w = fake_input(n, c, h), np.zeros((c, c, 3, 3), np.float32)
     geom = geometry(c, h, h, 1)
+    with parallel.one_thread_per_pass():
+        assert winograd.use_winograd(x, w, geom) == expected
+        if expected:
+            monkeypatch.setattr(winograd, "ENABLED", False)
+            assert not winograd.use_winograd(x, w, geom)
+
+
+@pytest.mark.parametrize("n, c, h, expected", [
+    (1, 64, 56, False), (1, 256, 14, False),  # one image: im2col beside multi-threaded GEMMs
+    (2, 128, 28, True), (8, 256, 14, True),
+])
+def test_dispatch_rule_with_gemms_on_several_threads(monkeypatch, n, c, h, expected):
+    monkeypatch.setattr(winograd, "ENABLED", True)
+    monkeypatch.setattr(parallel, "_CPU_COUNT", 2)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    x, w = fake_input(n, c, h), np.zeros((c, c, 3, 3), np.float32)
+    geom = geometry(c, h, h, 1)
     assert winograd.use_winograd(x, w, geom) == expected
-    if expected:
-        monkeypatch.setattr(winograd, "ENABLED", False)
-        assert not winograd.use_winograd(x, w, geom)
+    monkeypatch.setattr(winograd, "SINGLE_IMAGE_ON_THREADS", True)
+    assert winograd.use_winograd(x, w, geom)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")  # BLAS on one thread: Winograd again
+    monkeypatch.setattr(winograd, "SINGLE_IMAGE_ON_THREADS", False)
+    assert winograd.use_winograd(x, w, geom)
 
 
 def test_dispatch_needs_float_and_channels_per_group():
