@@ -90,8 +90,13 @@ SPLIT_MIN_BYTES = 6 << 20
 #: Dispatch rule (see use_winograd): at least this many input and output
 #: channels per group ...
 MIN_CHANNELS = 64
-#: ... and this many tiles per GEMM, n·⌈Ho/2⌉·⌈Wo/2⌉.
-MIN_TILES = 48
+#: ... and this many tiles per GEMM, n·⌈Ho/2⌉·⌈Wo/2⌉ (also for the input gradient, tiles of
+#: the input).  96: the 7x7 stage at batch 4 (64 tiles) ran as fast or faster on im2col (one
+#: thread 7.35 against 7.37 ms, two 4.60 against 5.21; in training, where the weights change
+#: every step, the filter transform came on top), at batch 8 (128 tiles) slower (15.1
+#: against 12.3 ms on one thread); ResNet-50 data-parallel training step 0.97 of the time
+#: with 96 instead of 48, b8 inference 0.98.
+MIN_TILES = 96
 
 
 #: Winograd for a single image while BLAS runs on several threads.  Off: the GEMMs then run
@@ -130,11 +135,11 @@ def supports(x, weights, geom):
 def use_winograd(x, weights, geom):
     """Dispatch rule of the Convolution forward: ENABLED, supported, and measured to be faster.
 
-    Measured against the im2col path on this 2-core machine (ResNet-50's 3x3
-    shapes, batches 1, 2, 4, 8; 1 and 2 threads): Winograd is faster from
-    about 48 tiles per GEMM; below that (7x7 maps at batch 1-2) the GEMMs are
-    bound by reading the transformed weights, 16/9 the size of the
-    originals, and it is up to 1.8x slower.  With fewer than 64 channels per
+    Measured against the im2col path (ResNet-50's 3x3 shapes, batches 1, 2, 4,
+    8; 1 and 2 threads): Winograd is faster from about 100 tiles per GEMM
+    (MIN_TILES); below that (7x7 maps at batches 1-4) the GEMMs are bound by
+    reading the transformed weights, 16/9 the size of the originals, and it is
+    up to 1.8x slower.  With fewer than 64 channels per
     group the results were mixed (16-32 channels: 0.9x-1.3x), so those keep
     im2col.  With GEMMs on several threads, a single image keeps im2col too
     (SINGLE_IMAGE_ON_THREADS).
