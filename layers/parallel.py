@@ -161,8 +161,10 @@ def split_apply(func, arrays, nbytes):
 #: written is still in the core's cache for the next pass (fused bias/scale + ReLU), large
 #: enough that replicas on two threads (framework.data_parallel) do not queue for the GIL
 #: between blocks: the folded BatchNorm forward of a 25 MB tensor split over two threads
-#: took 9.3 ms with 256 KB blocks, 7.9 with 512 KB (one thread: 12.8 either way).
-BLOCK_BYTES = 512 << 10
+#: took 9.3 ms with 256 KB blocks, 7.9 with 512 KB (one thread: 12.8 either way).  With
+#: 1 MB (2 MB L2 per core on the second machine of docs/benchmarks.md), the data-parallel
+#: ResNet-50 training step took 0.97-0.98 of the time of 512 KB, b8 inference 0.99.
+BLOCK_BYTES = 1 << 20
 
 
 def in_blocks(func, arrays):
