@@ -16,7 +16,8 @@ and the same input; the outputs are compared first (max rel diff = max|ours - to
 max|torch| over each output, and in training over the loss and every parameter
 gradient); then ``--repeat`` pairs are timed, one run of each side per pair, the
 order alternating, in one process, so that drift of the machine hits both alike.
-Printed: our median, PyTorch's median, the median of the per-pair ratios ours/torch,
+Printed: our median, PyTorch's median, each side's middle half of the runs (first to
+third quartile: how steady the side was), the median of the per-pair ratios ours/torch,
 the effective GFLOP/s (convolution + inner product multiply-adds, x3 for a training
 step), and peak memory.
 
@@ -339,6 +340,9 @@ def time_case(case, repeats, gap):
         key = name.replace("*", "_fast")
         median = statistics.median(runs[name])
         result[f"{key}_ms"] = median
+        if len(runs[name]) >= 2:  # the first and third quartiles
+            quartiles = statistics.quantiles(runs[name], n=4)
+            result[f"{key}_quartiles_ms"] = [quartiles[0], quartiles[2]]
         result[f"gflops_{key}"] = case.flops / (median * 1e6)
         if "torch" in runs and name != "torch":
             result[f"ratio_{key}"] = statistics.median(a / b for a, b in zip(runs[name], runs["torch"]))
@@ -508,8 +512,8 @@ def print_report(info, results, stream=sys.stdout):
     w("ours* = inference: the same net with BatchNorm/Scale folded into the convolutions and memory_saving\n"
       "        on, batches of more than one image split over one replica per thread (DataParallelNet);\n"
       "        training: each step's batch split over one replica per thread (data_parallel.enable_training)\n")
-    w(f"{'case':<18} {'side':<6} {'median ms':>10} {'ours/torch':>10} {'target':>7} {'GFLOP/s':>8} "
-      f"{'peak MiB':>9} {'agreement with torch (rel diff)':>32}\n")
+    w(f"{'case':<18} {'side':<6} {'median ms':>10} {'middle half':>15} {'ours/torch':>10} {'target':>7} "
+      f"{'GFLOP/s':>8} {'peak MiB':>9} {'agreement with torch (rel diff)':>32}\n")
     for name, r in results.items():
         t = r["timing"]
         mem = r.get("memory", {})
@@ -525,7 +529,9 @@ def print_report(info, results, stream=sys.stdout):
             else:
                 diff = " ".join(f"{k} {v:.0e}" for k, v in agree.items() if not k.endswith("*")) or "-"
             target = f"<= {TARGETS[name]}" if side != "torch" else ""
-            w(f"{name:<18} {side:<6} {t[key + '_ms']:10.1f} {f'{ratio:.2f}' if ratio else '-':>10} "
+            quartiles = t.get(f"{key}_quartiles_ms")
+            spread = f"{quartiles[0]:.1f}-{quartiles[1]:.1f}" if quartiles else "-"
+            w(f"{name:<18} {side:<6} {t[key + '_ms']:10.1f} {spread:>15} {f'{ratio:.2f}' if ratio else '-':>10} "
               f"{target:>7} {t['gflops_' + key]:8.0f} {f'{peak / 1024:.0f}' if peak else '-':>9} {diff:>32}\n")
     for name, r in results.items():
         for side, m in r.get("memory", {}).items():

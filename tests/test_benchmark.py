@@ -166,6 +166,44 @@ def test_tiny_run_against_torch_reports_ratio_and_agreement(tmp_path):
     assert all(m["peak_kib"] > 0 for m in caffenet["memory"].values())
 
 
+def test_timing_reports_each_sides_middle_half(monkeypatch):
+    """time_case keeps every run; the report prints the first to third quartile per side."""
+    import io
+
+    from benchmarks import benchmark
+
+    ticks = iter(range(10 ** 6))
+    durations = {"ours": iter([5, 1, 3, 2, 4, 9, 7, 6]), "torch": iter([2, 2, 2, 2, 2, 2, 2, 2])}
+    clock = {"now": 0.0}
+
+    class FakeCase:
+        flops = 1e9
+
+        def sides(self):
+            def side(name):
+                def run():
+                    if warmed[name] < 2:  # the two warm-up rounds take no time
+                        warmed[name] += 1
+                        return
+                    clock["now"] += next(durations[name]) / 1e3
+                return run
+            return {"ours": side("ours"), "torch": side("torch")}
+
+    warmed = {"ours": 0, "torch": 0}
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["now"])
+    monkeypatch.setattr(benchmark.time, "sleep", lambda s: next(ticks))
+    t = benchmark.time_case(FakeCase(), 8, 0.0)
+    assert t["runs"]["ours"] == pytest.approx([5, 1, 3, 2, 4, 9, 7, 6])
+    q1, q3 = t["ours_quartiles_ms"]
+    assert q1 < t["ours_ms"] < q3 and (q1, q3) == pytest.approx((2.25, 6.75))
+    assert t["torch_quartiles_ms"] == pytest.approx([2.0, 2.0])
+    stream = io.StringIO()
+    benchmark.print_report({"cpu": "x", "cores": 2, "threads": 2, "numpy": "n", "OPENBLAS_CORETYPE": "-"},
+                           {"lenet_train_b64": {"timing": t}}, stream)
+    row = next(line for line in stream.getvalue().splitlines() if line.startswith("lenet_train_b64    ours "))
+    assert f"{q1:.1f}-{q3:.1f}" in row and "middle half" in stream.getvalue()
+
+
 def test_bad_case_name_is_a_usage_error():
     proc = subprocess.run([sys.executable, SCRIPT, "--cases", "vgg16"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "unknown case(s) vgg16" in proc.stderr
