@@ -35,15 +35,20 @@ _thread_state = threading.local()
 
 
 @contextlib.contextmanager
-def one_thread_per_pass():
-    """Within the block, this thread's passes are not split over the shared pool: for callers
-    that already run one share of the work on each core (framework.data_parallel)."""
-    previous = getattr(_thread_state, "alone", False)
-    _thread_state.alone = True
+def _flag_for_this_thread(name):
+    """Within the block, ``_thread_state.<name>`` is True on this thread (restored after)."""
+    previous = getattr(_thread_state, name, False)
+    setattr(_thread_state, name, True)
     try:
         yield
     finally:
-        _thread_state.alone = previous
+        setattr(_thread_state, name, previous)
+
+
+def one_thread_per_pass():
+    """Context: within the block, this thread's passes are not split over the shared pool: for
+    callers that already run one share of the work on each core (framework.data_parallel)."""
+    return _flag_for_this_thread("alone")
 
 
 #: Split passes over threads also while BLAS runs multi-threaded (outside
@@ -98,18 +103,12 @@ def executor():
         return _pool, threads
 
 
-@contextlib.contextmanager
 def split_over_our_threads():
-    """Within the block, this thread's large passes (:func:`split_apply`) and GEMMs
+    """Context: within the block, this thread's large passes (:func:`split_apply`) and GEMMs
     (:func:`matmul`) are split over the shared pool.  For callers that hold BLAS to one thread
     meanwhile, so that no OpenBLAS worker spins on the other cores (measured: two one-thread
     GEMM streams right after a two-thread GEMM took 79 ms instead of 43)."""
-    previous = getattr(_thread_state, "split", False)
-    _thread_state.split = True
-    try:
-        yield
-    finally:
-        _thread_state.split = previous
+    return _flag_for_this_thread("split")
 
 
 #: :func:`matmul` splits GEMMs of at least this many multiply-adds (a hand-off to the pool costs
