@@ -127,9 +127,23 @@ _GG = np.kron(G, G)
 
 def supports(x, weights, geom):
     """True if the convolution can run as F(2x2, 3x3): 2-D, 3x3, stride 1, dilation 1, float32/64."""
+    return _supported(geom, x.dtype, weights.dtype)
+
+
+def _supported(geom, dtype, other_dtype):
+    """:func:`supports` from the geometry and the two operands' dtypes."""
     return (len(geom.kernel) == 2 and geom.kernel == (3, 3) and geom.stride == (1, 1)
-            and geom.dilation == (1, 1) and x.dtype in (np.float32, np.float64)
-            and weights.dtype == x.dtype)
+            and geom.dilation == (1, 1) and dtype in (np.float32, np.float64) and other_dtype == dtype)
+
+
+def _wide(geom, outputs, channels):
+    """At least ``channels`` input and output channels per group (``outputs`` in all)."""
+    return geom.channels // geom.group >= channels and outputs // geom.group >= channels
+
+
+def _tiles(images, shape):
+    """2x2 tiles covering ``images`` maps of ``shape``: n·⌈H/2⌉·⌈W/2⌉."""
+    return images * ((shape[0] + 1) // 2) * ((shape[1] + 1) // 2)
 
 
 def use_winograd(x, weights, geom):
@@ -139,19 +153,15 @@ def use_winograd(x, weights, geom):
     8; 1 and 2 threads): Winograd is faster from about 100 tiles per GEMM
     (MIN_TILES); below that (7x7 maps at batches 1-4) the GEMMs are bound by
     reading the transformed weights, 16/9 the size of the originals, and it is
-    up to 1.8x slower.  With fewer than 64 channels per
-    group the results were mixed (16-32 channels: 0.9x-1.3x), so those keep
-    im2col.  With GEMMs on several threads, a single image keeps im2col too
-    (SINGLE_IMAGE_ON_THREADS).
+    up to 1.8x slower.  With fewer than 64 channels per group the results were
+    mixed (16-32 channels: 0.9x-1.3x), so those keep im2col.  With GEMMs on
+    several threads, a single image keeps im2col too (SINGLE_IMAGE_ON_THREADS).
     """
-    if not ENABLED or not supports(x, weights, geom):
-        return False
-    if geom.channels // geom.group < MIN_CHANNELS or weights.shape[0] // geom.group < MIN_CHANNELS:
+    if not ENABLED or not supports(x, weights, geom) or not _wide(geom, weights.shape[0], MIN_CHANNELS):
         return False
     if x.shape[0] == 1 and not SINGLE_IMAGE_ON_THREADS and parallel.gemm_threads() > 1:
         return False
-    ho, wo = geom.out_shape
-    return x.shape[0] * ((ho + 1) // 2) * ((wo + 1) // 2) >= MIN_TILES
+    return _tiles(x.shape[0], geom.out_shape) >= MIN_TILES
 
 
 # -- filter transform and its cache -------------------------------------------------
@@ -388,10 +398,7 @@ def use_for_data_gradient(dy, weights, geom):
     of the input."""
     if not ENABLED or not supports(dy, weights, geom) or max(geom.pad) > 2:
         return False
-    if geom.channels // geom.group < MIN_CHANNELS or weights.shape[0] // geom.group < MIN_CHANNELS:
-        return False
-    h, w = geom.in_shape
-    return dy.shape[0] * ((h + 1) // 2) * ((w + 1) // 2) >= MIN_TILES
+    return _wide(geom, weights.shape[0], MIN_CHANNELS) and _tiles(dy.shape[0], geom.in_shape) >= MIN_TILES
 
 
 def conv_backward_data(dy, weights, geom, dx):
@@ -444,15 +451,10 @@ def use_for_weight_gradient(x, dy, geom):
     3x3 stride-1 undilated float32/float64 convolution with >= MIN_CHANNELS channels per group
     both ways (WGRAD_MIN_CHANNELS_ON_THREADS when BLAS runs on several threads) and
     >= WGRAD_MIN_TILES output tiles."""
-    if not ENABLED or x.dtype not in (np.float32, np.float64) or dy.dtype != x.dtype:
-        return False
-    if len(geom.kernel) != 2 or geom.kernel != (3, 3) or geom.stride != (1, 1) or geom.dilation != (1, 1):
+    if not ENABLED or not _supported(geom, x.dtype, dy.dtype):
         return False
     channels = MIN_CHANNELS if parallel.gemm_threads() == 1 else WGRAD_MIN_CHANNELS_ON_THREADS
-    if geom.channels // geom.group < channels or dy.shape[1] // geom.group < channels:
-        return False
-    ho, wo = geom.out_shape
-    return x.shape[0] * ((ho + 1) // 2) * ((wo + 1) // 2) >= WGRAD_MIN_TILES
+    return _wide(geom, dy.shape[1], channels) and _tiles(x.shape[0], geom.out_shape) >= WGRAD_MIN_TILES
 
 
 def conv_weight_grad(x, dy, geom):
