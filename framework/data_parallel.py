@@ -53,16 +53,15 @@ class _OnThreads:
             if self.threads > 1 else None
         self._blas = ThreadpoolController()
 
+    @contextlib.contextmanager
     def blas_on_one_thread(self):
-        """Context: BLAS held to one thread (process-wide), and this thread's large passes and
-        GEMMs (:func:`layers.parallel.matmul`) split over our pool instead, so that no OpenBLAS
-        worker is left spinning when the replicas next start."""
+        """Within the block, BLAS is held to one thread (process-wide), and this thread's large
+        passes and GEMMs (:func:`layers.parallel.matmul`) are split over our pool instead, so
+        that no OpenBLAS worker is left spinning when the replicas next start."""
         from layers.parallel import split_over_our_threads
 
-        stack = contextlib.ExitStack()
-        stack.enter_context(self._blas.limit(limits=1, user_api="blas"))
-        stack.enter_context(split_over_our_threads())
-        return stack
+        with self._blas.limit(limits=1, user_api="blas"), split_over_our_threads():
+            yield
 
     def run(self, task, parts):
         """[task(0), ..., task(parts - 1)]; the first error raised (BrokenBarrierError last)."""
@@ -312,11 +311,11 @@ class DataParallelTraining:
     Random layers (Dropout) draw from one generator per replica, seeded at each step in rank
     order from a generator seeded from the global one (``framework.set_random_seed``) when the
     replicas are built: runs are repeatable for a given seed and thread count (their draws
-    differ from a one-thread run's; data layers draw from the global generator as before).  ``net``'s own
-    activation blobs
-    (all but its inputs, data-layer tops and outputs) are not computed and their arrays are
-    freed meanwhile (they read as zeros); a forward of ``net`` itself, as a solver's last
-    display does, gets them back for its layers.
+    differ from a one-thread run's; data layers draw from the global generator as before).
+
+    ``net``'s own activation blobs (all but its inputs, data-layer tops and outputs) are not
+    computed and their arrays are freed meanwhile (they read as zeros); a forward of ``net``
+    itself, as a solver's last display does, gets them back for its layers.
     """
 
     def __init__(self, net, threads=None):
