@@ -20,3 +20,13 @@ def shared_dir():
     if not os.path.isdir(SHARED):
         pytest.fail(f"../shared not found beside the project root ({SHARED})")
     return SHARED
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """layers.parallel configured for two threads, whatever this machine's core count and
+    BLAS environment variables."""
+    from layers import parallel
+    monkeypatch.setattr(parallel, "_CPU_COUNT", 2)
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -106,12 +106,9 @@ def test_blas_runs_single_threaded_inside_and_as_before_after():
     assert blas_threads() == before
 
 
-def test_the_tail_splits_its_gemms_over_our_threads_with_blas_on_one_thread(monkeypatch):
+def test_the_tail_splits_its_gemms_over_our_threads_with_blas_on_one_thread(monkeypatch, two_cores):
     from layers import parallel
     monkeypatch.setattr(parallel, "SPLIT_GEMM_MIN_MACS", 0)
-    monkeypatch.setattr(parallel, "_CPU_COUNT", 2)
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = blas_threads()
     x = images(6, seed=4)
     want = make_net().forward(data=x)

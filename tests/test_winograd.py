@@ -324,11 +324,8 @@ def test_dispatch_rule(monkeypatch, n, c, h, expected):
     (1, 64, 56, False), (1, 128, 28, False),  # one image: im2col beside multi-threaded GEMMs
     (2, 128, 28, True), (8, 256, 14, True),
 ])
-def test_dispatch_rule_with_gemms_on_several_threads(monkeypatch, n, c, h, expected):
+def test_dispatch_rule_with_gemms_on_several_threads(monkeypatch, two_cores, n, c, h, expected):
     monkeypatch.setattr(winograd, "ENABLED", True)
-    monkeypatch.setattr(parallel, "_CPU_COUNT", 2)
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     x, w = fake_input(n, c, h), np.zeros((c, c, 3, 3), np.float32)
     geom = geometry(c, h, h, 1)
     assert winograd.use_winograd(x, w, geom) == expected
@@ -467,11 +464,8 @@ def test_weight_gradient_float32_error_bound(c, h):
     (4, 256, 14, True, True),                                # 196 tiles
     (8, 32, 32, True, False),                                # too few channels
 ])
-def test_weight_gradient_dispatch(monkeypatch, n, c, h, alone, expected):
+def test_weight_gradient_dispatch(monkeypatch, two_cores, n, c, h, alone, expected):
     monkeypatch.setattr(winograd, "ENABLED", True)
-    monkeypatch.setattr(parallel, "_CPU_COUNT", 2)
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     x = fake_input(n, c, h)
     geom = geometry(c, h, h, 1)
     with parallel.one_thread_per_pass() if alone else contextlib.nullcontext():
