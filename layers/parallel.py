@@ -123,16 +123,7 @@ def matmul(a, b, out):
     threads = copy_threads() if getattr(_thread_state, "split", False) else 1
     if threads <= 1 or rows < 2 * threads or out.size * a.shape[-1] < SPLIT_GEMM_MIN_MACS:
         return np.matmul(a, b, out=out)
-    pool, threads = executor()
-
-    def share(lo, hi):
-        np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :])
-
-    bounds = [rows * i // threads for i in range(threads + 1)]
-    futures = [pool.submit(share, bounds[i], bounds[i + 1]) for i in range(1, threads)]
-    share(bounds[0], bounds[1])
-    for f in futures:
-        f.result()
+    _over_pool(lambda lo, hi: np.matmul(a[..., lo:hi, :], b, out=out[..., lo:hi, :]), rows)
     return out
 
 
@@ -147,11 +138,17 @@ def split_apply(func, arrays, nbytes):
     if threads <= 1:
         func(*arrays)
         return
+    _over_pool(lambda lo, hi: func(*(a[lo:hi] for a in arrays)), rows)
+
+
+def _over_pool(share, rows):
+    """``share(lo, hi)`` over contiguous ranges of ``rows`` rows, one per thread of the pool (the
+    first range on the calling thread); returns when all are done, raising the first error."""
     pool, threads = executor()
     parts = min(threads, rows)
     bounds = [rows * i // parts for i in range(parts + 1)]
-    futures = [pool.submit(func, *(a[bounds[i]:bounds[i + 1]] for a in arrays)) for i in range(1, parts)]
-    func(*(a[bounds[0]:bounds[1]] for a in arrays))
+    futures = [pool.submit(share, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    share(bounds[0], bounds[1])
     for f in futures:
         f.result()
 
