@@ -464,11 +464,9 @@ def conv_weight_grad(x, dy, geom):
     n, c = x.shape[:2]
     k = dy.shape[1]
     g = geom.group
-    ho, wo = geom.out_shape
-    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    v = _transformed_input(x, geom.pad, geom.out_shape)
+    _, _, th, tw, _ = v.shape
     tiles = n * th * tw
-    v = _scratch((16, n, th, tw, c), x.dtype, "winograd-v")
-    _over_blocks(lambda *block: _input_transform(x, geom.pad, v, *block), n, th, 16 * tw * c * x.itemsize)
     w = _scratch((16, n, th, tw, k), x.dtype, "winograd-m")
     _over_blocks(lambda *block: _gradient_transform(dy, w, *block), n, th, 16 * tw * k * x.itemsize)
     # per group: M[p] (K/G, C/G) = W[p]ᵀ (K/G, tiles) · V[p] (tiles, C/G)
@@ -479,10 +477,20 @@ def conv_weight_grad(x, dy, geom):
     return np.ascontiguousarray(taps.T).reshape(k, (c // g) * 9)
 
 
+def _transformed_input(x, pad, out_shape):
+    """V (16, n, ⌈Ho/2⌉, ⌈Wo/2⌉, C) = Bᵀ d B for every tile of x (n, C, H, W) padded by ``pad``
+    (the scratch array "winograd-v")."""
+    n, c = x.shape[:2]
+    th, tw = (out_shape[0] + 1) // 2, (out_shape[1] + 1) // 2
+    v = _scratch((16, n, th, tw, c), x.dtype, "winograd-v")
+    _over_blocks(lambda *block: _input_transform(x, pad, v, *block), n, th, 16 * tw * c * x.itemsize)
+    return v
+
+
 def _gradient_transform(dy, w, images, ty0, ty1):
     """W[p, images, ty0:ty1] = (A dY Aᵀ)[p] (rows 3 without their sign, see _SIGNS) for the 2x2
     blocks dY of dy (n, K, Ho, Wo) in those tile rows, zero past the edges; w (16, n, th, tw, K)."""
-    ho, wo = dy.shape[2:]
+    ho = dy.shape[2]
     wb = w[:, images, ty0:ty1]
     dys = dy[images]
     # the four corners p = 0, 3, 12, 15 are dy's own values: (a, b) -> position 12a + 3b
@@ -510,10 +518,9 @@ def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):
     input gradient (position p takes u[_MIRROR[p]] as stored, the forward u[p] transposed)."""
     n, c = x.shape[:2]
     ho, wo = out_shape
-    th, tw = (ho + 1) // 2, (wo + 1) // 2
+    v = _transformed_input(x, pad, out_shape)
+    _, _, th, tw, _ = v.shape
     tiles = n * th * tw
-    v = _scratch((16, n, th, tw, c), x.dtype, "winograd-v")
-    _over_blocks(lambda *block: _input_transform(x, pad, v, *block), n, th, 16 * tw * c * x.itemsize)
     m = _scratch((16, n, th, tw, k), x.dtype, "winograd-m")
     # per group: M[p] (tiles, K/G) = V[p] (tiles, C/G) · U[p]ᵀ (C/G, K/G), rows of C and K elements
     vs = _view(v, (16, tiles, g, c // g)).swapaxes(1, 2)
