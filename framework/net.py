@@ -201,6 +201,7 @@ class Net:
         self.data_parallel = None  # framework.data_parallel.enable_training
         self._relu_folds = self._plan_relu_folds()
         self._scale_folds = self._plan_scale_folds()
+        self._residual_folds = self._plan_residual_folds()
         # last layer of each folded group (the Scale, or the ReLU folded into it) -> BatchNorm
         self._scale_fold_ends = {}
         for norm_index, scale_index in self._scale_folds.items():
@@ -245,6 +246,31 @@ class Net:
                     and self._bottom_name_lists[i + 1] == names and self._top_name_lists[i + 1] == names
                     and not any(norm.loss_weights) and not any(scale.loss_weights)
                     and norm.can_fold_scale(scale)):
+                folds[i] = i + 1
+        return folds
+
+    def _plan_residual_folds(self):
+        """{Convolution index: Eltwise index} for each Eltwise SUM of two bottoms with
+        coefficients 1 right after a convolution (``can_fold_residual``) whose top it reads and
+        no other layer reads or writes, with no loss weight on either: ResNet's joins after
+        BatchNorm/Scale are folded into the convolutions (framework.fuse).  Only memory-saving
+        forwards use them (``_set_folds``), where nothing outside sees the convolution's top."""
+        from layers.utility import ELTWISE_SUM, EltwiseLayer
+
+        uses = {}
+        for names in self._bottom_name_lists + self._top_name_lists:
+            for name in names:
+                uses[name] = uses.get(name, 0) + 1
+        folds = {}
+        for i in range(len(self.layers) - 1):
+            conv, join = self.layers[i], self.layers[i + 1]
+            if not (getattr(conv, "can_fold_residual", None) and conv.can_fold_residual()):
+                continue
+            (name,) = self._top_name_lists[i]
+            bottoms = self._bottom_name_lists[i + 1]
+            if (type(join) is EltwiseLayer and join.op == ELTWISE_SUM and len(bottoms) == 2
+                    and join.coeffs == [1, 1] and bottoms.count(name) == 1 and uses[name] == 2
+                    and not any(conv.loss_weights) and not any(join.loss_weights)):
                 folds[i] = i + 1
         return folds
 
@@ -335,20 +361,22 @@ class Net:
         """Run layers start..end inclusive; return the weighted loss of those layers."""
         release = self._release_plan(end) if self.memory_saving else None
         loss = 0.0
-        folded = set()  # layers run by the one before them (_plan_relu_folds, _plan_scale_folds)
+        folded = set()  # layers run by the one before them (_plan_*_folds)
+        unwritten = set()  # tops a folded forward writes elsewhere (_plan_residual_folds)
         for i in range(start, end + 1):
             layer, bottoms, tops = self.layers[i], self._bottoms[i], self._tops[i]
             layer.reshape(bottoms, tops)
+            if i not in folded:
+                self._set_folds(i, end, folded, unwritten if release is not None else None)
             if release is not None:
                 for top in tops:
-                    if _is_released(top):
+                    if _is_released(top) and id(top) not in unwritten:
                         top.data = self._buffer_pool.take(top.shape, top.dtype)
             else:  # tops freed by memory saving or DataParallelTraining, running here again
                 for top in tops:
                     if _is_released(top):
                         top.data = np.zeros(top.shape, dtype=top.dtype)
             if i not in folded:
-                self._set_folds(i, end, folded)
                 layer.forward(bottoms, tops)
             for weight, top in zip(layer.loss_weights, tops):
                 if weight:
@@ -360,10 +388,13 @@ class Net:
                     _release(blob)
         return loss
 
-    def _set_folds(self, i, end, folded):
+    def _set_folds(self, i, end, folded, unwritten=None):
         """Tell layer ``i`` which of the layers after it (up to ``end``) its forward runs, and
         add those to ``folded``: an in-place ReLU (``fused_relu``), or for a BatchNorm the Scale
-        after it (``fused_scale``) and that Scale's ReLU."""
+        after it (``fused_scale``) and that Scale's ReLU, or, in a memory-saving forward (which
+        passes the set ``unwritten``), for a convolution the Eltwise after it
+        (``fused_residual``) and the Eltwise's ReLU, adding the convolution's top, which is then
+        never written, to ``unwritten``."""
         layer = self.layers[i]
         relu = self._relu_folds.get(i)
         if relu is not None:
@@ -378,6 +409,29 @@ class Net:
                 layer.fused_scale = self.layers[scale]
                 folded.add(scale)
                 self._set_folds(scale, end, folded)
+        join = self._residual_folds.get(i)
+        if join is not None:
+            self._set_residual_fold(i, join, end, folded, unwritten)
+
+    def _set_residual_fold(self, i, join, end, folded, unwritten):
+        """``_set_folds`` for convolution ``i`` and the Eltwise ``join`` after it: folded in a
+        memory-saving forward that reaches the join and does not keep the convolution's top."""
+        conv, (top,) = self.layers[i], self._tops[i]
+        conv.fused_residual = None
+        conv.fused_relu = False
+        if unwritten is None or join > end or self._top_name_lists[i][0] in self._kept_blobs(end):
+            return
+        bottoms, (out,) = self._bottoms[join], self._tops[join]
+        self.layers[join].reshape(bottoms, [out])
+        if _is_released(out):
+            out.data = self._buffer_pool.take(out.shape, out.dtype)
+        conv.fused_residual = (out, bottoms[1] if bottoms[0] is top else bottoms[0])
+        folded.add(join)
+        unwritten.add(id(top))
+        relu = self._relu_folds.get(join)
+        if relu is not None and relu <= end:
+            conv.fused_relu = True
+            folded.add(relu)
 
     def _backward_folded(self, i, end):
         """Run the backward of a BatchNorm -> Scale (-> ReLU) group that ends at layer ``i`` as
@@ -425,10 +479,14 @@ class Net:
                 if _is_released(blob):
                     blob.data = np.zeros(blob.shape, dtype=blob.dtype)
 
+    def _kept_blobs(self, end):
+        """Names of the blobs a memory-saving forward up to ``end`` keeps: the inputs, outputs,
+        those asked for, and ``end``'s tops."""
+        return set(self.inputs) | set(self.outputs) | self._keep_blobs | set(self._top_name_lists[end])
+
     def _release_plan(self, end):
         """Per layer index, the blobs whose last reader or writer (up to ``end``) it is."""
-        keep = set(self.inputs) | set(self.outputs) | self._keep_blobs
-        keep.update(self._top_name_lists[end])
+        keep = self._kept_blobs(end)
         last = {}
         for i in range(len(self.layers)):
             for blob in self._bottom_name_lists[i] + self._top_name_lists[i]:

@@ -132,44 +132,53 @@ def _pad_spatial(x, pad, padded_shape, value=0):
 
 # -- parallel memory-bound copies: see layers/parallel.py ------------------------
 
-def _output_pass(dst, src, bias, relu):
-    """dst (n, M, P) = src (+ bias (M,) per channel), then max(·, 0) if ``relu``.
+def _output_pass(dst, src, bias, relu, residual=None):
+    """dst (n, M, P) = src (+ bias (M,) per channel) (+ residual (n, M, P)), then max(·, 0) if
+    ``relu``.
 
     ``src`` is ``dst`` itself (in place) or a view of the same shape (the transposed
     GEMM result of the batch-merged layouts).  Split over threads along the images,
-    or along the channels for a single image in place; the ReLU (``Layer.fused_relu``)
-    follows the add block by block (:func:`layers.parallel.in_blocks`), from cache.
+    or along the channels for a single image in place; the residual (an Eltwise SUM folded
+    into the convolution, ``Layer.fused_residual``) and the ReLU (``Layer.fused_relu``) follow
+    the add block by block (:func:`layers.parallel.in_blocks`), from cache.  The sums are the
+    layers' own, in their order: (conv + bias) + residual.
     """
     n, m, p = dst.shape
+    with_bias, with_residual = bias is not None, residual is not None
 
-    def block(d, s, b=None):
+    def block(d, s, *extra):
+        b = extra[0] if with_bias else None
+        r = extra[-1] if with_residual else None
         if b is not None:
             np.add(s, b, out=d)
+            s = d
+        if r is not None:
+            np.add(s, r, out=d)
         elif s is not d:
             np.copyto(d, s)
         if relu:
             np.maximum(d, 0, out=d)
 
-    def in_place(d, b=None):
-        block(d, d, b)
-
-    def part(func, *arrays):  # one thread's share, in cache-sized blocks
+    def part(*arrays):  # one thread's share, in cache-sized blocks
         with row_broadcast(p):
-            in_blocks(func, arrays)
+            in_blocks(block, arrays)
 
     if src is dst:  # in place: rows (n·M, P) with one bias value per row
-        rows = (_view(dst, (n * m, p)),)
-        if bias is not None:
-            rows += (np.tile(bias, n).reshape(-1, 1),)
-        _split_apply(lambda *parts: part(in_place, *parts), rows, dst.nbytes)
+        rows = _view(dst, (n * m, p))
+        arrays = (rows, rows)
+        if with_bias:
+            arrays += (np.tile(bias, n).reshape(-1, 1),)
+        if with_residual:
+            arrays += (_view(residual, (n * m, p)),)
+        _split_apply(part, arrays, dst.nbytes)
         return
-    bcol = () if bias is None else (bias.reshape(-1, 1),)
+    bcol = (bias.reshape(-1, 1),) if with_bias else ()
 
-    def images(d, s):
+    def images(d, s, *r):
         for i in range(d.shape[0]):
-            part(block, d[i], s[i], *bcol)
+            part(d[i], s[i], *bcol, *(x[i] for x in r))
 
-    _split_apply(images, (dst, src), dst.nbytes)
+    _split_apply(images, (dst, src) + ((_view(residual, dst.shape),) if with_residual else ()), dst.nbytes)
 
 
 _scratch_store = threading.local()
@@ -464,14 +473,16 @@ def _columns_batch(x, geom):
     return im2col_batch(x, geom, _scratch((size,), x.dtype, 0))
 
 
-def _add_bias_inplace(y, bias, relu=False):
-    """y (n, M, O) += bias (M,) (None: no bias), then max(·, 0) if ``relu``; split over threads."""
-    if bias is not None or relu:
-        _output_pass(y, y, bias, relu)
+def _add_bias_inplace(y, bias, relu=False, residual=None):
+    """y (n, M, O) += bias (M,) (None: no bias) (+ residual), then max(·, 0) if ``relu``; split
+    over threads."""
+    if bias is not None or relu or residual is not None:
+        _output_pass(y, y, bias, relu, residual)
 
 
-def conv_forward(x, weights, geom, out, bias=None, relu=False):
-    """Convolution product: out (n, M, *out_shape) = W ⋆ x (+ bias), then max(·, 0) if ``relu``.
+def conv_forward(x, weights, geom, out, bias=None, relu=False, residual=None):
+    """Convolution product: out (n, M, *out_shape) = W ⋆ x (+ bias) (+ residual, an array of
+    out's shape), then max(·, 0) if ``relu``.
 
     x (n, C, *in_shape); weights (M, C/G, *kernel); bias (M,) or None.  One
     matmul call per chunk: per image (G, M/G, K) @ (n, G, K, O) straight into
@@ -484,23 +495,24 @@ def conv_forward(x, weights, geom, out, bias=None, relu=False):
     """
     from layers import winograd  # here, not at the top: winograd imports this module
     if winograd.use_winograd(x, weights, geom):
-        return winograd.conv_forward(x, weights, geom, out, bias, relu)
+        return winograd.conv_forward(x, weights, geom, out, bias, relu, residual)
     n = x.shape[0]
     m = weights.shape[0]
     g = geom
     w = weights.reshape(g.group, m // g.group, g.col_rows)
     if not _use_merged(n, g):
         np.matmul(w, _columns(x, g), out=_view(out, (n, g.group, m // g.group, g.out_count)))
-        _add_bias_inplace(_view(out, (n, m, g.out_count)), bias, relu)
+        _add_bias_inplace(_view(out, (n, m, g.out_count)), bias, relu, residual)
         return out
     yt = np.matmul(w, _columns_batch(x, g), out=_scratch((g.group, m // g.group, n * g.out_count), x.dtype, 1))
-    return _store_output(yt.reshape(m, n, g.out_count).swapaxes(0, 1), bias, out, relu)
+    return _store_output(yt.reshape(m, n, g.out_count).swapaxes(0, 1), bias, out, relu, residual)
 
 
-def _store_output(src, bias, out, relu=False):
+def _store_output(src, bias, out, relu=False, residual=None):
     """Copy ``src`` (n, M, Π O), a transposed view of a GEMM result, into ``out`` (n, M, *O),
-    adding ``bias`` (M,) (if given) and applying max(·, 0) (if ``relu``) in the same pass."""
-    _output_pass(_view(out, src.shape), src, bias, relu)
+    adding ``bias`` (M,) and ``residual`` (if given) and applying max(·, 0) (if ``relu``) in
+    the same pass."""
+    _output_pass(_view(out, src.shape), src, bias, relu, residual)
     return out
 
 
@@ -633,7 +645,7 @@ def _forward_in_position_major(x, weights, geom):
     return not winograd.use_winograd(x, weights, geom)
 
 
-def conv_forward_position_major(x, weights, geom, out, bias=None, relu=False):
+def conv_forward_position_major(x, weights, geom, out, bias=None, relu=False, residual=None):
     """:func:`conv_forward` through position-major columns (see above): one GEMM per group
     and block of output rows, then one transposed copy into ``out`` with the bias added
     in the same pass.
@@ -653,7 +665,7 @@ def conv_forward_position_major(x, weights, geom, out, bias=None, relu=False):
     for start, stop in blocks:
         np.matmul(w, im2col_position_major(xt, g, buf, (start, stop)),
                   out=yt[:, :, start * per_row:stop * per_row])
-    return _store_output(np.moveaxis(yt.reshape(m, g.out_count, n), -1, 0), bias, out, relu)
+    return _store_output(np.moveaxis(yt.reshape(m, g.out_count, n), -1, 0), bias, out, relu, residual)
 
 
 def conv_backward_data(dy, weights, geom, out):
@@ -903,20 +915,33 @@ class ConvolutionLayer(_BaseConvolution):
     im2col and are one plain matmul.
     """
 
+    #: Set by the net for a memory-saving forward that also runs the Eltwise SUM right after
+    #: this layer (framework.net, _plan_residual_folds): (the Eltwise's top, its other bottom).
+    #: The output plus that bottom is written into that top in the output pass, and this
+    #: layer's own top is left unwritten.  Exact: the same two sums, one memory pass fewer.
+    fused_residual = None
+
     def can_fold_relu(self):
+        return len(self.layer_param.top) == 1
+
+    def can_fold_residual(self):
+        """Whether forward can write ``top + residual`` into another blob (``fused_residual``)."""
         return len(self.layer_param.top) == 1
 
     def forward(self, bottom, top):
         relu = self.fused_relu
+        fold = self.fused_residual
         for b, t in zip(bottom, top):
             x = b.data.reshape(self._bottom_shape())
-            y = _view(t.data, self._top_shape())
+            y = _view((t if fold is None else fold[0]).data, self._top_shape())
+            residual = None if fold is None else fold[1].data.reshape(self._top_shape())
             weights, bias = self._params(x.dtype)
             for sl in self._chunk_slices(x.itemsize):
+                r = None if residual is None else residual[sl]
                 if _forward_in_position_major(x[sl], weights, self.geom):
-                    conv_forward_position_major(x[sl], weights, self.geom, y[sl], bias, relu)
+                    conv_forward_position_major(x[sl], weights, self.geom, y[sl], bias, relu, r)
                 else:
-                    conv_forward(x[sl], weights, self.geom, y[sl], bias, relu)
+                    conv_forward(x[sl], weights, self.geom, y[sl], bias, relu, r)
 
     def backward(self, top, propagate_down, bottom):
         want_weights, want_bias = self._param_needs()

@@ -337,10 +337,11 @@ def _input_transform(x, pad, v, images, ty0, ty1):
             _bt(i, d0[:, :tb], d1[:, :tb], d0[:, 1:], d1[:, 1:], v[4 * i + j, images, ty0:ty1])
 
 
-def _output_transform(m, y, bias, relu, images, ty0, ty1):
-    """y = Aᵀ M A (+ bias), then max(·, 0) if ``relu``, for the tiles of images × tile rows [ty0, ty1).
+def _output_transform(m, y, bias, relu, residual, images, ty0, ty1):
+    """y = Aᵀ M A (+ bias) (+ residual), then max(·, 0) if ``relu``, for the tiles of images ×
+    tile rows [ty0, ty1).
 
-    m (16, n, th, tw, K) is overwritten there; y (n, K, Ho, Wo).
+    m (16, n, th, tw, K) is overwritten there; y and ``residual`` (or None) (n, K, Ho, Wo).
     """
     mb = m[:, images, ty0:ty1]
     if bias is not None:
@@ -362,17 +363,21 @@ def _output_transform(m, y, bias, relu, images, ty0, ty1):
         np.subtract(p1, p3, out=p3)
         p3 -= p2
         for b, plane in ((0, p0), (1, p3)):
-            dst = y[images, :, 2 * ty0 + a:min(ho, 2 * ty1):2, b::2]  # crops the partial tiles
+            rows = (images, slice(None), slice(2 * ty0 + a, min(ho, 2 * ty1), 2), slice(b, None, 2))
+            dst = y[rows]  # crops the partial tiles
             src = plane[:, :dst.shape[2], :dst.shape[3]].transpose(0, 3, 1, 2)
+            if residual is not None:  # (conv + bias) + residual, the layers' order
+                np.add(src, residual[rows], out=dst)
+                src = dst
             if relu:  # the folded ReLU costs nothing here: the copy happens anyway
                 np.maximum(src, 0, out=dst)
-            else:
+            elif src is not dst:
                 np.copyto(dst, src)
 
 
-def conv_forward(x, weights, geom, out, bias=None, relu=False):
-    """Convolution forward by Winograd F(2x2, 3x3): out (n, K, Ho, Wo) = W ⋆ x (+ bias),
-    then max(·, 0) if ``relu``.
+def conv_forward(x, weights, geom, out, bias=None, relu=False, residual=None):
+    """Convolution forward by Winograd F(2x2, 3x3): out (n, K, Ho, Wo) = W ⋆ x (+ bias)
+    (+ residual), then max(·, 0) if ``relu``.
 
     x (n, C, H, W); weights (K, C/G, 3, 3); bias (K,) or None; ``geom`` a
     :class:`layers.vision.ConvGeometry` with stride 1, dilation 1 (any pad).
@@ -381,7 +386,8 @@ def conv_forward(x, weights, geom, out, bias=None, relu=False):
     u = cached_filter_transform(weights, geom.group)
     if u.dtype != x.dtype:
         u = u.astype(x.dtype)
-    return _convolve(x, u, False, weights.shape[0], geom.pad, geom.group, geom.out_shape, out, bias, relu)
+    return _convolve(x, u, False, weights.shape[0], geom.pad, geom.group, geom.out_shape, out, bias, relu,
+                     residual)
 
 
 # Position p = 4i + j of the transformed tile -> its mirror 4σ(i) + σ(j), σ = (3, 1, 2, 0):
@@ -512,7 +518,7 @@ def _gradient_transform(dy, w, images, ty0, ty1):
         np.subtract(wb[j], wb[12 + j], out=wb[8 + j])
 
 
-def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):
+def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu, residual=None):
     """out (n, k, *out_shape) from x (n, c, H, W) and transformed filters ``u``
     (16, G, C_out/G, C_in/G), or, if ``transposed``, a forward's u used as the filters of the
     input gradient (position p takes u[_MIRROR[p]] as stored, the forward u[p] transposed)."""
@@ -531,5 +537,6 @@ def _convolve(x, u, transposed, k, pad, g, out_shape, out, bias, relu):
         for p in range(16):
             np.matmul(vs[p], u[_MIRROR[p]], out=ms[p])
     y = _view(out, (n, k, ho, wo))
-    _over_blocks(lambda *block: _output_transform(m, y, bias, relu, *block), n, th, 16 * tw * k * x.itemsize)
+    res = None if residual is None else _view(residual, (n, k, ho, wo))
+    _over_blocks(lambda *block: _output_transform(m, y, bias, relu, res, *block), n, th, 16 * tw * k * x.itemsize)
     return out
