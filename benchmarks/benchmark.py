@@ -135,10 +135,33 @@ def machine_info(threads, torch=None):
             info["loadavg_start"] = " ".join(f.read().split()[:3])
     except OSError:
         pass
+    info["cpu_times_start"] = read_cpu_times()
     if torch is not None:
         info["torch"] = f"{torch.__version__}, {torch.get_num_threads()} threads, " \
                         f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
     return info
+
+
+def read_cpu_times(path="/proc/stat"):
+    """The machine's cumulative CPU times (the "cpu" line of /proc/stat, in clock ticks), or None."""
+    try:
+        with open(path) as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_share(before, after):
+    """Of the CPU time used or stolen between two :func:`read_cpu_times` readings, the share the
+    hypervisor gave to other guests (steal, the 8th field), or None.  On a virtual machine this
+    is time our threads wanted the cores and did not get: a run with more than a few percent
+    measured a slowed machine."""
+    if not before or not after or len(before) < 8 or len(after) < 8:
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = delta[:8]
+    used = user + nice + system + irq + softirq + steal
+    return steal / used if used > 0 else None
 
 
 # -- cases ------------------------------------------------------------------------
@@ -508,6 +531,9 @@ def print_report(info, results, stream=sys.stdout):
     if "loadavg_start" in info:
         w(f"load average (1, 5, 15 min) at start: {info['loadavg_start']}, at end: {info.get('loadavg_end', '?')} "
           f"(other processes share these {info['cores']} cores)\n")
+    if info.get("steal_share") is not None:
+        w(f"CPU time stolen by the hypervisor during the run (/proc/stat steal): "
+          f"{100 * info['steal_share']:.1f}% of the time used\n")
     w(f"PyTorch: {info.get('torch', 'not run: ' + info.get('torch_missing', ''))}\n")
     w("ours* = inference: the same net with BatchNorm/Scale folded into the convolutions and memory_saving\n"
       "        on, batches of more than one image split over one replica per thread (DataParallelNet);\n"
@@ -573,6 +599,7 @@ def run_all(args):
             info["loadavg_end"] = " ".join(f.read().split()[:3])
     except OSError:
         pass
+    info["steal_share"] = steal_share(info.pop("cpu_times_start", None), read_cpu_times())
     return info, results
 
 

@@ -4,6 +4,7 @@ The PyTorch parts are skipped (with the reason printed) when torch is not
 installed; our side always runs.  No timing is asserted.
 """
 import json
+import io
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from proto import caffe_pb2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import nets  # noqa: E402
+from benchmarks import benchmark, nets  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "benchmark.py")
 
@@ -168,10 +169,6 @@ def test_tiny_run_against_torch_reports_ratio_and_agreement(tmp_path):
 
 def test_timing_reports_each_sides_middle_half(monkeypatch):
     """time_case keeps every run; the report prints the first to third quartile per side."""
-    import io
-
-    from benchmarks import benchmark
-
     ticks = iter(range(10 ** 6))
     durations = {"ours": iter([5, 1, 3, 2, 4, 9, 7, 6]), "torch": iter([2, 2, 2, 2, 2, 2, 2, 2])}
     clock = {"now": 0.0}
@@ -207,3 +204,23 @@ def test_timing_reports_each_sides_middle_half(monkeypatch):
 def test_bad_case_name_is_a_usage_error():
     proc = subprocess.run([sys.executable, SCRIPT, "--cases", "vgg16"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and "unknown case(s) vgg16" in proc.stderr
+
+
+def test_steal_share_is_the_stolen_part_of_the_cpu_time_used(tmp_path):
+    """/proc/stat's cpu line: user nice system idle iowait irq softirq steal ...; idle and
+    iowait are not time used, and the share is of the time used or stolen."""
+    before = tmp_path / "before"
+    after = tmp_path / "after"
+    before.write_text("cpu  1000 0 200 5000 10 0 5 100 0 0\ncpu0 1 2 3\n")
+    after.write_text("cpu  1600 0 300 9000 20 0 15 190 0 0\ncpu0 1 2 3\n")
+    first, second = benchmark.read_cpu_times(before), benchmark.read_cpu_times(after)
+    assert first[:8] == [1000, 0, 200, 5000, 10, 0, 5, 100]
+    share = benchmark.steal_share(first, second)
+    assert share == pytest.approx(90 / (600 + 100 + 10 + 90))
+    assert benchmark.steal_share(first, first) is None  # nothing used: no share
+    assert benchmark.read_cpu_times(tmp_path / "missing") is None
+    assert benchmark.steal_share(None, second) is None
+    text = io.StringIO()
+    benchmark.print_report({"cpu": "x", "cores": 2, "threads": 2, "numpy": "n", "OPENBLAS_CORETYPE": "-",
+                            "steal_share": share}, {}, text)
+    assert "(/proc/stat steal): 11.2% of the time used" in text.getvalue()
