@@ -141,6 +141,32 @@ def split_apply(func, arrays, nbytes):
     _over_pool(lambda lo, hi: func(*(a[lo:hi] for a in arrays)), rows)
 
 
+def run_balanced(tasks, weights, threads):
+    """Run the callables ``tasks`` on up to ``threads`` threads of the pool (the caller's
+    included), each thread taking tasks of about equal total ``weights`` (largest first, each
+    to the least loaded thread); returns when all are done, raising the first error."""
+    pool, pool_threads = executor()
+    threads = min(threads, pool_threads, len(tasks))
+    if threads <= 1:
+        for task in tasks:
+            task()
+        return
+    shares, loads = [[] for _ in range(threads)], [0] * threads
+    for i in sorted(range(len(tasks)), key=lambda i: -weights[i]):
+        k = loads.index(min(loads))
+        shares[k].append(tasks[i])
+        loads[k] += weights[i]
+
+    def run(share):
+        for task in share:
+            task()
+
+    futures = [pool.submit(run, share) for share in shares[1:]]
+    run(shares[0])
+    for f in futures:
+        f.result()
+
+
 def _over_pool(share, rows):
     """``share(lo, hi)`` over contiguous ranges of ``rows`` rows, one per thread of the pool (the
     first range on the calling thread); returns when all are done, raising the first error."""

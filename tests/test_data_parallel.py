@@ -356,3 +356,71 @@ def test_training_frees_the_nets_own_activations_and_gives_them_back():
     data_parallel.disable_training(net)
     assert net.data_parallel is None and net.blobs["conv_a"].data.flags.writeable
     assert step_results(net)[0] == pytest.approx(before, rel=1e-6)  # on its own again
+
+
+def test_the_solver_update_of_a_data_parallel_net_is_shared_over_its_threads(two_cores, monkeypatch):
+    """After a data-parallel step the SGD update runs its parameters on both threads
+    (SGDSolver._update_threads); element-wise, so exactly the one-thread update's numbers."""
+    import threading
+
+    from benchmarks.benchmark import solver_param
+    from framework.solvers import sgd
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((5, 3, 8, 8)).astype(np.float32)
+    labels = rng.integers(0, 4, 5).astype(np.float32)
+    param = text_format.Parse(SOLVER_NET, caffe_pb2.NetParameter())
+    solver = framework.get_solver(solver_param(param))
+    solver.net.blobs["data"].data[...] = x
+    solver.net.blobs["label"].data[...] = labels
+    data_parallel.enable_training(solver.net, 2)
+    solver.step(1)  # history no longer zero
+    solver.net.clear_param_diffs()
+    solver.net.forward_backward()
+    diffs = [b.diff.copy() for b in solver.net.learnable_params]
+    start = ([b.data.copy() for b in solver.net.learnable_params], [h.copy() for h in solver.history])
+
+    threads = {}
+    step = sgd.SGDSolver._sgd_step_in_blocks
+
+    def spy(self, i, rate):
+        threads[i] = threading.get_ident()
+        return step(self, i, rate)
+
+    monkeypatch.setattr(sgd.SGDSolver, "_sgd_step_in_blocks", spy)
+    solver.apply_update()
+    shared = [b.data.copy() for b in solver.net.learnable_params]
+    assert sorted(threads) == list(range(len(diffs))) and len(set(threads.values())) == 2
+
+    for blob, data, diff, history, saved in zip(solver.net.learnable_params, start[0], diffs, solver.history,
+                                                start[1]):
+        blob.data[...], blob.diff[...], history[...] = data, diff, saved
+    monkeypatch.setattr(sgd.SGDSolver, "_update_threads", lambda self: 1)
+    solver.iter -= 1  # the same learning rate
+    solver.apply_update()
+    for got, want in zip(shared, solver.net.learnable_params):
+        np.testing.assert_array_equal(got, want.data)
+
+
+def test_run_balanced_runs_every_task_once_and_raises_the_first_error(two_cores):
+    import threading
+
+    from layers.parallel import run_balanced
+
+    ran = []
+    tasks = [lambda i=i: ran.append((i, threading.get_ident())) for i in range(5)]
+    run_balanced(tasks, [5, 1, 4, 2, 3], 2)
+    assert sorted(i for i, _ in ran) == list(range(5))
+    by_thread = {}
+    for i, tid in ran:
+        by_thread.setdefault(tid, []).append(i)
+    assert sorted(sorted(v) for v in by_thread.values()) == [[0, 1, 3], [2, 4]]  # loads 8 and 7
+
+    def fail():
+        raise ValueError("task failed")
+
+    with pytest.raises(ValueError, match="task failed"):
+        run_balanced([fail, lambda: None], [1, 1], 2)
+    ran.clear()
+    run_balanced(tasks, [1] * 5, 1)
+    assert [i for i, _ in ran] == list(range(5)) and len({t for _, t in ran}) == 1
