@@ -159,24 +159,26 @@ def _output_pass(dst, src, bias, relu, residual=None):
         if relu:
             np.maximum(d, 0, out=d)
 
-    def part(*arrays):  # one thread's share, in cache-sized blocks
+    def in_place(d, *extra):
+        block(d, d, *extra)
+
+    def part(func, *arrays):  # one thread's share, in cache-sized blocks
         with row_broadcast(p):
-            in_blocks(block, arrays)
+            in_blocks(func, arrays)
 
     if src is dst:  # in place: rows (n·M, P) with one bias value per row
-        rows = _view(dst, (n * m, p))
-        arrays = (rows, rows)
+        arrays = (_view(dst, (n * m, p)),)
         if with_bias:
             arrays += (np.tile(bias, n).reshape(-1, 1),)
         if with_residual:
             arrays += (_view(residual, (n * m, p)),)
-        _split_apply(part, arrays, dst.nbytes)
+        _split_apply(lambda *parts: part(in_place, *parts), arrays, dst.nbytes)
         return
     bcol = (bias.reshape(-1, 1),) if with_bias else ()
 
     def images(d, s, *r):
         for i in range(d.shape[0]):
-            part(d[i], s[i], *bcol, *(x[i] for x in r))
+            part(block, d[i], s[i], *bcol, *(x[i] for x in r))
 
     _split_apply(images, (dst, src) + ((_view(residual, dst.shape),) if with_residual else ()), dst.nbytes)
 
