@@ -13,6 +13,7 @@ GEMMs as well.  The thread count follows the BLAS setting
 (``OPENBLAS_NUM_THREADS`` / ``OMP_NUM_THREADS``, else all cores).
 """
 import contextlib
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -161,10 +162,7 @@ def run_balanced(tasks, weights, threads):
         for task in share:
             task()
 
-    futures = [pool.submit(run, share) for share in shares[1:]]
-    run(shares[0])
-    for f in futures:
-        f.result()
+    _on_pool(pool, [functools.partial(run, share) for share in shares])
 
 
 def _over_pool(share, rows):
@@ -173,8 +171,14 @@ def _over_pool(share, rows):
     pool, threads = executor()
     parts = min(threads, rows)
     bounds = [rows * i // parts for i in range(parts + 1)]
-    futures = [pool.submit(share, bounds[i], bounds[i + 1]) for i in range(1, parts)]
-    share(bounds[0], bounds[1])
+    _on_pool(pool, [functools.partial(share, bounds[i], bounds[i + 1]) for i in range(parts)])
+
+
+def _on_pool(pool, calls):
+    """Run ``calls[1:]`` on ``pool`` and ``calls[0]`` on this thread; return when all are done,
+    raising the first error."""
+    futures = [pool.submit(call) for call in calls[1:]]
+    calls[0]()
     for f in futures:
         f.result()
 

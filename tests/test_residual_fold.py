@@ -91,13 +91,9 @@ def test_plan_folds_a_sum_of_two_right_after_the_convolution_that_only_it_reads(
 @pytest.mark.parametrize("bias", ["", "bias_term: false"])
 @pytest.mark.parametrize("relu", [True, False])
 def test_memory_saving_forward_folds_the_join_and_equals_the_layers_one_by_one(layout, bias, relu):
-    text = net_text(layout, bias=bias, relu=relu)
-    plain, folded = make_net(text), make_net(text)
-    x = data(plain)
-    want = layer_by_layer(plain, x)
+    folded, x, want = saving_net_and_expected(net_text(layout, bias=bias, relu=relu))
     if relu:
         assert (want["join"] == 0).any() and (want["join"] > 0).any()  # the ReLU did clip something
-    folded.memory_saving = True
     folded.forward(blobs=["join"])  # warm the buffer pool
     calls = []
     spy_forwards(folded, calls)
@@ -119,12 +115,17 @@ def test_winograd_layout_is_the_one_the_winograd_case_takes():
     assert vision._use_merged(small.blobs["a"].shape[0], conv.geom)
 
 
-def test_not_folded_when_the_convolution_top_is_asked_for_or_memory_saving_is_off():
-    text = net_text("1x1 per image")
+def saving_net_and_expected(text):
+    """(a memory-saving net of ``text``, its input, every blob of the layers run one by one)."""
     plain, net = make_net(text), make_net(text)
     x = data(plain)
     want = layer_by_layer(plain, x)
     net.memory_saving = True
+    return net, x, want
+
+
+def test_not_folded_when_the_convolution_top_is_asked_for_or_memory_saving_is_off():
+    net, x, want = saving_net_and_expected(net_text("1x1 per image"))
     out = net.forward(blobs=["c", "join"], data=x)
     np.testing.assert_array_equal(out["c"], want["c"])
     np.testing.assert_array_equal(out["join"], want["join"])
@@ -139,11 +140,7 @@ def test_not_folded_when_the_convolution_top_is_asked_for_or_memory_saving_is_of
 
 
 def test_forward_ending_at_the_convolution_leaves_the_join_to_run():
-    text = net_text("1x1 per image")
-    plain, net = make_net(text), make_net(text)
-    x = data(plain)
-    want = layer_by_layer(plain, x)
-    net.memory_saving = True
+    net, x, want = saving_net_and_expected(net_text("1x1 per image"))
     np.testing.assert_array_equal(net.forward(end="c", data=x)["c"], want["c"])
     assert net.layers[net.layer_names.index("c")].fused_residual is None
 
